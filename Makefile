@@ -1,0 +1,39 @@
+# A newcomer's targets: install, test, lint, demo, bench, docs.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch is installed first and on its own, pinned, so that pip does not pick the newest
+# release (a multi-GB CUDA build) when a matching build is already available locally.
+# Override for a GPU machine, e.g. `make install TORCH="torch==2.13.0 --index-url <cuda index>"`.
+TORCH ?= torch==2.13.0
+
+.PHONY: install test lint demo bench docs clean
+
+install: $(BIN)/safelora
+
+$(BIN)/safelora: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install $(TORCH)
+	$(BIN)/pip install -e '.[test]'
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check safelora_cli tests benchmarks
+	$(BIN)/mypy safelora_cli
+
+demo: install
+	$(BIN)/python -m safelora_cli.demo demo
+	$(BIN)/safelora patch --base demo/base --aligned demo/aligned --adapter demo/adapter --out demo/patched --force
+	$(BIN)/safelora inspect --base demo/base --aligned demo/aligned --adapter demo/adapter
+
+bench: install
+	$(BIN)/python benchmarks/bench_patch.py
+
+docs: install
+	$(BIN)/python -m safelora_cli.clidoc > docs/cli.md
+
+clean:
+	rm -rf $(VENV) demo build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,157 @@
+"""Safe LoRA math on one layer's tensors. Pure functions: no I/O, no names, no selection.
+
+Shapes: V and ΔW are (out, in); B = lora_B is (out, r); A = lora_A is (r, in).
+Nothing here forms an out × out matrix: C·B is computed as V·(Vᵀ·B)/‖V‖_F and every
+Frobenius quantity of ΔW = B·A goes through the r × r Gram matrix G = A·Aᵀ, since
+⟨X·A, Y·A⟩_F = sum((Xᵀ·Y) ⊙ G) for any X, Y of shape (out, r).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from safelora_cli.config import Projection, ProjectionSettings, SvdMethod
+
+# ΔW counts as zero when ‖B·A‖² is at rounding level of ‖B‖²·‖A‖² (float32 inputs).
+_ZERO_UPDATE_RTOL = 1e-14
+# Oversampling and power iterations for the randomized SVD.
+_RSVD_OVERSAMPLE = 10
+_RSVD_NITER = 4
+
+UNDEFINED_V_ZERO = "aligned equals base in this layer (V = 0): no alignment signal"
+UNDEFINED_DW_ZERO = "the LoRA update is zero (B·A = 0): nothing to project"
+
+Projector = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LayerMath:
+    """What one layer's projection gives.
+
+    Attributes:
+        cosine: ⟨CΔW, ΔW⟩_F / (‖CΔW‖_F ‖ΔW‖_F), or None when undefined.
+        undefined_reason: why `cosine` is None.
+        v_norm: ‖V‖_F.
+        delta_norm: ‖B·A‖_F (unscaled; multiply by the LoRA scaling for the real update).
+        residual_norm: ‖ΔW − CΔW‖_F (unscaled), what projecting would remove.
+        b_distance: ‖B − C·B‖_F, the official code's per-layer distance (None when V = 0).
+        projected_b: C·B in float32 on the compute device (None when nothing may be projected).
+        subspace_rank: k of the exact projector, None for the paper's C.
+    """
+
+    cosine: float | None
+    undefined_reason: str | None
+    v_norm: float
+    delta_norm: float
+    residual_norm: float
+    b_distance: float | None
+    projected_b: torch.Tensor | None
+    subspace_rank: int | None = None
+
+
+def alignment_matrix(w_base: torch.Tensor, w_aligned: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """V = W_aligned − W_base in float32 on `device`. Shapes must already match."""
+    return w_aligned.to(device=device, dtype=torch.float32) - w_base.to(device=device, dtype=torch.float32)
+
+
+def paper_projector(v: torch.Tensor, v_norm: float) -> Projector:
+    """B ↦ C·B with C = V·Vᵀ/‖V‖_F, never forming C."""
+    return lambda b: v @ (v.T @ b) / v_norm
+
+
+def subspace_basis(v: torch.Tensor, settings: ProjectionSettings) -> torch.Tensor:
+    """U_k: orthonormal basis of V's top-k left singular vectors, shape (out, k).
+
+    k is `settings.rank`, or the smallest k whose σ² carry `settings.energy` of Σσ².
+    Directions with σ at rounding level are dropped, so k never exceeds the numerical rank.
+    """
+    full = min(v.shape)
+    use_randomized = settings.svd is SvdMethod.RANDOMIZED or (
+        settings.svd is SvdMethod.AUTO
+        and settings.rank is not None
+        and settings.rank + _RSVD_OVERSAMPLE <= full // 4
+    )
+    if use_randomized and settings.rank is not None:
+        q = min(settings.rank + _RSVD_OVERSAMPLE, full)
+        u, s, _ = torch.svd_lowrank(v, q=q, niter=_RSVD_NITER)
+    else:
+        u, s, _ = torch.linalg.svd(v, full_matrices=False)
+    numerical_rank = int((s > s[0] * max(v.shape) * torch.finfo(s.dtype).eps).sum()) if s.numel() else 0
+    if settings.rank is not None:
+        k = settings.rank
+    else:
+        energy = torch.cumsum(s.double() ** 2, 0) / (s.double() ** 2).sum()
+        k = int((energy < settings.energy - 1e-12).sum()) + 1  # type: ignore[operator]
+    k = min(k, numerical_rank)
+    return u[:, :k]
+
+
+def _gram_inner(x: torch.Tensor, y: torch.Tensor, gram: torch.Tensor) -> float:
+    """⟨X·A, Y·A⟩_F from X, Y (out, r) and G = A·Aᵀ, in float64."""
+    return float(((x.T @ y) * gram).sum())
+
+
+def analyze_layer(
+    w_base: torch.Tensor,
+    w_aligned: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    settings: ProjectionSettings,
+    device: torch.device,
+) -> LayerMath:
+    """Cosine, norms and the projected B of one layer.
+
+    Args:
+        w_base: (out, in) base weight.
+        w_aligned: (out, in) aligned weight.
+        lora_a: (r, in) LoRA A.
+        lora_b: (out, r) LoRA B.
+        settings: which projection to use.
+        device: where to compute.
+
+    Returns:
+        A `LayerMath`; degenerate layers get `cosine=None` and a reason, never NaN.
+    """
+    v = alignment_matrix(w_base, w_aligned, device)
+    v_norm = float(torch.linalg.vector_norm(v))
+    return analyze_with_v(v, v_norm, lora_a, lora_b, settings)
+
+
+def analyze_with_v(
+    v: torch.Tensor, v_norm: float, lora_a: torch.Tensor, lora_b: torch.Tensor, settings: ProjectionSettings
+) -> LayerMath:
+    """`analyze_layer` once V (float32, on the compute device) and ‖V‖_F are known."""
+    b = lora_b.to(device=v.device, dtype=torch.float32)
+    a64 = lora_a.to(device=v.device, dtype=torch.float64)
+    gram = a64 @ a64.T
+    b64 = b.double()
+    dw_sq = _gram_inner(b64, b64, gram)
+    delta_norm = math.sqrt(max(dw_sq, 0.0))
+    if v_norm == 0.0:
+        return LayerMath(None, UNDEFINED_V_ZERO, 0.0, delta_norm, 0.0, None, None)
+
+    subspace_rank = None
+    if settings.kind is Projection.APPROX:
+        cb = paper_projector(v, v_norm)(b)
+    else:
+        u = subspace_basis(v, settings)
+        subspace_rank = u.shape[1]
+        cb = u @ (u.T @ b)
+    cb64 = cb.double()
+    b_distance = float(torch.linalg.vector_norm(b64 - cb64))
+    scale = float((b64**2).sum()) * float((a64**2).sum())
+    if dw_sq <= _ZERO_UPDATE_RTOL * scale:
+        return LayerMath(None, UNDEFINED_DW_ZERO, v_norm, delta_norm, 0.0, b_distance, None, subspace_rank)
+
+    diff = b64 - cb64
+    residual_norm = math.sqrt(max(_gram_inner(diff, diff, gram), 0.0))
+    proj_sq = _gram_inner(cb64, cb64, gram)
+    inner = _gram_inner(cb64, b64, gram)
+    # CΔW = 0 with ΔW ≠ 0: the update is orthogonal to the aligned subspace, the limit cosine is 0.
+    cosine = 0.0 if proj_sq <= 0.0 else inner / math.sqrt(proj_sq * dw_sq)
+    cosine = min(1.0, max(-1.0, cosine))
+    return LayerMath(cosine, None, v_norm, delta_norm, residual_norm, b_distance, cb, subspace_rank)

@@ -1,0 +1,68 @@
+"""Thin, error-mapped access to safetensors files.
+
+Every failure of the safetensors library becomes an `InputError` naming the file. Reads use
+the `pread` backend where the installed safetensors has it (0.8+): it reads tensor bytes into
+fresh memory instead of mapping the file, so the pages of a 10 GB shard do not stay resident.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from safelora_cli.errors import InputError
+
+
+@functools.cache
+def pread_supported() -> bool:
+    """Whether this safetensors accepts `backend="pread"` (it rejects unknown keywords)."""
+    return "backend" in (getattr(safe_open, "__text_signature__", None) or "")
+
+
+@contextlib.contextmanager
+def open_safetensors(path: Path) -> Iterator[Any]:
+    """Open `path` for reading, mapping library errors to `InputError`."""
+    kwargs = {"backend": "pread"} if pread_supported() else {}
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu", **kwargs)
+    except FileNotFoundError:
+        raise InputError(f"{path} does not exist.") from None
+    except PermissionError:
+        raise InputError(f"Permission denied reading {path}.") from None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InputError(
+            f"{path} is not a readable safetensors file ({exc}).",
+            hint="The file may be truncated or corrupted; download or save it again.",
+        ) from None
+    with handle:
+        yield handle
+
+
+def read_tensor(handle: Any, key: str, path: Path) -> torch.Tensor:
+    try:
+        return handle.get_tensor(key)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise InputError(f"Cannot read tensor {key} from {path} ({exc}).") from None
+
+
+def read_all_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of a (small) file, in its own dtype, and the file's metadata."""
+    with open_safetensors(path) as handle:
+        metadata = handle.metadata() or {}
+        return {k: read_tensor(handle, k, path) for k in handle.keys()}, dict(metadata)  # noqa: SIM118
+
+
+def read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Tensor name → (shape, safetensors dtype string), without reading tensor data."""
+    with open_safetensors(path) as handle:
+        out = {}
+        for key in handle.keys():  # noqa: SIM118
+            view = handle.get_slice(key)
+            out[key] = (tuple(view.get_shape()), view.get_dtype())
+        return out
