@@ -26,9 +26,9 @@ def stdout() -> Console:
 
 
 def error(message: str, hint: str | None = None) -> None:
-    stderr.print(f"[bold red]Error:[/] {message}", markup=True, soft_wrap=True)
-    if hint:
-        stderr.print(f"[yellow]Hint:[/] {hint}", markup=True, soft_wrap=True)
+    """One line on stderr: what is wrong, then what to do about it."""
+    stderr.print("[bold red]Error:[/] ", end="", markup=True)
+    stderr.print(f"{message} {hint}" if hint else message, markup=False, highlight=False, soft_wrap=True)
 
 
 def info(message: str) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -66,3 +68,37 @@ def read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
             view = handle.get_slice(key)
             out[key] = (tuple(view.get_shape()), view.get_dtype())
         return out
+
+
+_DTYPE_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a safetensors file whose bytes depend only on its contents.
+
+    `safetensors.save_file` serialises metadata in hash-map order, so two identical runs can
+    differ byte for byte; here header keys are sorted and tensors laid out in name order.
+    The result is read back by the safetensors library (see writer._verify) before use.
+    """
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    offset = 0
+    ordered = sorted(tensors)
+    for key in ordered:
+        tensor = tensors[key]
+        size = tensor.numel() * tensor.element_size()
+        header[key] = {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                       "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)  # the format pads the header to 8-byte alignment
+    with open(path, "wb") as file:
+        file.write(len(encoded).to_bytes(8, "little"))
+        file.write(encoded)
+        for key in ordered:
+            file.write(tensors[key].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        file.flush()
+        os.fsync(file.fileno())

@@ -12,13 +12,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import save_file
 
 from safelora_cli import __version__
 from safelora_cli.adapter import WEIGHTS_NAME
 from safelora_cli.errors import OutputError
 from safelora_cli.report import REPORT_NAME, to_json
-from safelora_cli.safetensors_io import read_all_tensors
+from safelora_cli.safetensors_io import read_all_tensors, write_safetensors
 
 if TYPE_CHECKING:
     from safelora_cli.pipeline import Analysis
@@ -108,8 +107,7 @@ def write_patched_adapter(analysis: Analysis, report: dict[str, Any]) -> Path:
         raise _os_error(exc, out) from None
     try:
         _copy_other_files(adapter.path, staging)
-        save_file(tensors, str(staging / WEIGHTS_NAME), metadata=metadata)
-        (staging / WEIGHTS_NAME).chmod(0o666 & ~_current_umask())
+        write_safetensors(staging / WEIGHTS_NAME, tensors, metadata)
         (staging / REPORT_NAME).write_text(to_json(report), encoding="utf-8")
         _verify(staging / WEIGHTS_NAME, tensors)
         _replace_dir(staging, out)
