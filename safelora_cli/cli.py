@@ -205,7 +205,7 @@ def demo(
 
     Example:
 
-        safelora demo ./demo && safelora patch --base demo/base --aligned demo/aligned --adapter demo/adapter --out demo/patched
+        safelora demo ./demo
     """
     from safelora_cli.demo import write_trio
 

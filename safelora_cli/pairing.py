@@ -25,6 +25,9 @@ class LayerPlan:
     shape: tuple[int, int]
     rank: int
     scaling: float
+    # The checkpoint stores this weight as (in, out) relative to B·A (GPT-2 Conv1D, embeddings):
+    # V is transposed before use.
+    transposed: bool = False
 
 
 def layer_index(module: str) -> int | None:

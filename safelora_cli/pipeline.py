@@ -70,13 +70,23 @@ def _check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
                              hint="The file is corrupted or the training diverged; use a clean copy.")
 
 
-def _analyze_one(plan: LayerPlan, stream: TensorStream, analysis_inputs: tuple, device: torch.device) -> LayerMath:
-    adapter, base, aligned, settings = analysis_inputs
+@dataclass(frozen=True)
+class _Inputs:
+    adapter: Adapter
+    base: Checkpoint
+    aligned: Checkpoint
+
+
+def _analyze_one(plan: LayerPlan, inputs: _Inputs, stream: TensorStream, config: RunConfig,
+                 device: torch.device) -> LayerMath:
+    adapter, base, aligned = inputs.adapter, inputs.base, inputs.aligned
     lora_a, lora_b = adapter.tensors[plan.a_key], adapter.tensors[plan.b_key]
     _check_finite({plan.a_key: lora_a, plan.b_key: lora_b}, f"the adapter {adapter.path}")
     w_base = stream.read(base, plan.weight_key)
     w_aligned = stream.read(aligned, plan.weight_key)
     v = alignment_matrix(w_base, w_aligned, device)
+    if plan.transposed:
+        v = v.T
     v_norm = float(torch.linalg.vector_norm(v))
     if not math.isfinite(v_norm):
         # Any NaN/Inf in either weight makes ‖V‖ non-finite; only then pay for finding which.
@@ -84,7 +94,7 @@ def _analyze_one(plan: LayerPlan, stream: TensorStream, analysis_inputs: tuple, 
         _check_finite({plan.weight_key: w_aligned}, f"the aligned model {aligned.root}")
         raise InputError(f"W_aligned − W_base overflows float32 for {plan.weight_key}.")
     del w_base, w_aligned
-    result = analyze_with_v(v, v_norm, lora_a, lora_b, settings)
+    result = analyze_with_v(v, v_norm, lora_a, lora_b, config.projection)
     if result.projected_b is not None:
         # Keep C·B in the adapter's own dtype on the host: never more memory than the adapter.
         result = replace(result, projected_b=result.projected_b.to("cpu", lora_b.dtype).contiguous())
@@ -101,15 +111,15 @@ def analyze(config: RunConfig, on_layer: OnLayer | None = None) -> Analysis:
     # Read in on-disk order (shard by shard) so each shard is opened once; report in layer order.
     read_order = sorted(range(len(plans)), key=lambda i: str(base.tensors[plans[i].weight_key].file))
     maths: dict[int, LayerMath] = {}
-    inputs = (adapter, base, aligned, config.projection)
+    inputs = _Inputs(adapter, base, aligned)
     with TensorStream() as stream:
         for done, i in enumerate(read_order, start=1):
-            maths[i] = _analyze_one(plans[i], stream, inputs, device)
+            maths[i] = _analyze_one(plans[i], inputs, stream, config, device)
             if on_layer is not None:
                 on_layer(done, len(plans))
     ordered = [maths[i] for i in range(len(plans))]
     flags = select([m.cosine for m in ordered], config.selection)
-    layers = [LayerResult(p, m, f) for p, m, f in zip(plans, ordered, flags)]
+    layers = [LayerResult(p, m, f) for p, m, f in zip(plans, ordered, flags, strict=True)]
     patched = {r.plan.b_key: r.math.projected_b for r in layers if r.selected and r.math.projected_b is not None}
     return Analysis(config, adapter, base, aligned, str(device), layers, patched)
 

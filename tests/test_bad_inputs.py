@@ -65,7 +65,9 @@ CASES: dict[str, tuple[Callable[[Trio], None], str]] = {
     "non-LoRA adapter": (lambda t: set_adapter_config(t, peft_type="IA3"), "only LoRA adapters"),
     "DoRA adapter": (lambda t: set_adapter_config(t, use_dora=True), "DoRA adapter"),
     "config not JSON": (lambda t: (t.adapter / "adapter_config.json").write_text("{not json"), "is not valid JSON"),
-    "no adapter weights": (lambda t: (t.adapter / "adapter_model.safetensors").unlink(), "no adapter_model.safetensors"),
+    "no adapter weights": (
+        lambda t: (t.adapter / "adapter_model.safetensors").unlink(), "no adapter_model.safetensors"
+    ),
     "NaN in aligned weight": (nan_in_aligned, "model.layers.1.self_attn.v_proj.weight in the aligned model"),
     "Inf in lora_B": (inf_in_lora_b, "q_proj.lora_B.weight in the adapter"),
     "module missing from base": (drop_from_base, "no weight in the base model: model.layers.2.self_attn.q_proj"),

@@ -28,7 +28,8 @@ def make_adapter(modules: dict[str, tuple[int, int, int]], extra: tuple[str, ...
 
 
 def make_checkpoint(label: str, shapes: dict[str, tuple[int, ...]], dtype: str = "BF16") -> Checkpoint:
-    return Checkpoint(Path(label), label, {k: TensorInfo(Path(f"{label}.safetensors"), s, dtype) for k, s in shapes.items()})
+    file = Path(f"{label}.safetensors")
+    return Checkpoint(Path(label), label, {k: TensorInfo(file, s, dtype) for k, s in shapes.items()})
 
 
 def test_pairs_by_name_in_natural_layer_order() -> None:
