@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from safelora_cli import pickled_io
 from safelora_cli.errors import InputError, UnsupportedError, format_keys
 from safelora_cli.safetensors_io import read_all_tensors
 
@@ -158,15 +159,14 @@ def load_adapter(path: Path) -> Adapter:
         raise InputError(f"Adapter path {path} is not a directory.", hint="Pass the adapter's directory.")
     raw = read_config(path)
     config = parse_config(raw, path)
-    weights = path / WEIGHTS_NAME
-    if not weights.is_file():
-        if (path / LEGACY_WEIGHTS_NAME).is_file():
-            raise UnsupportedError(
-                f"{path} holds {LEGACY_WEIGHTS_NAME} only; pickled adapters are not supported yet.",
-                hint="Re-save it with PeftModel.save_pretrained(..., safe_serialization=True).",
-            )
-        raise InputError(f"{path} has {CONFIG_NAME} but no {WEIGHTS_NAME}.")
-    tensors, metadata = read_all_tensors(weights)
+    weights, legacy = path / WEIGHTS_NAME, path / LEGACY_WEIGHTS_NAME
+    # Like PEFT: safetensors when both exist; the pickle only through weights_only loading.
+    if weights.is_file():
+        tensors, metadata = read_all_tensors(weights)
+    elif legacy.is_file():
+        tensors, metadata = pickled_io.read_all_tensors(legacy), {}
+    else:
+        raise InputError(f"{path} has {CONFIG_NAME} but no {WEIGHTS_NAME} (nor {LEGACY_WEIGHTS_NAME}).")
     modules, other = split_keys(list(tensors), path)
     for module in modules:
         a, b = tensors[module.a_key], tensors[module.b_key]

@@ -1,13 +1,16 @@
 """A model checkpoint on disk: which file holds which tensor, and streaming reads.
 
-Layouts: a single `model.safetensors`, or shards listed by `model.safetensors.index.json`
-(follow the index, never a glob: some repos hold extra files). Nothing here holds more than
-the tensors asked for; `TensorStream` keeps at most one shard open at a time.
+Layouts, in the order transformers prefers them: shards listed by `model.safetensors.index.json`,
+a single `model.safetensors`, shards listed by `pytorch_model.bin.index.json`, a single
+`pytorch_model.bin`. Follow the index, never a glob: some repos hold extra files. Pickled files
+are only read through `pickled_io` (no code execution). Nothing here holds more than the
+tensors asked for; `TensorStream` keeps at most one shard open per checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Collection
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,13 +18,23 @@ from typing import Any
 
 import torch
 
+from safelora_cli import pickled_io
 from safelora_cli.errors import InputError, UnsupportedError, format_keys
 from safelora_cli.safetensors_io import open_safetensors, read_header, read_tensor
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-_PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+PICKLE_FILE = "pytorch_model.bin"
+PICKLE_INDEX_FILE = "pytorch_model.bin.index.json"
+CONFIG_FILE = "config.json"
+# Preference order when several layouts are present (safetensors first, like transformers).
+LAYOUTS = (INDEX_FILE, SINGLE_FILE, PICKLE_INDEX_FILE, PICKLE_FILE)
 _QUANTIZED_DTYPES = {"I8", "U8", "I4", "U4", "F8_E4M3", "F8_E5M2", "I32"}
+# Tensors that sit beside (or instead of) `<module>.weight` in quantized layouts:
+# GPTQ/AWQ, FP8 (weight_scale[_inv]), compressed-tensors, bitsandbytes 8-bit and 4-bit.
+_QUANTIZED_SIBLINGS = ("qweight", "qzeros", "scales", "g_idx", "weight_scale", "weight_scale_inv",
+                       "weight_packed", "SCB", "weight.absmax", "weight.quant_map",
+                       "weight.quant_state.bitsandbytes__nf4", "weight.quant_state.bitsandbytes__fp4")
 
 
 @dataclass(frozen=True)
@@ -30,94 +43,161 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: str
 
+    @property
+    def pickled(self) -> bool:
+        return self.file.suffix != ".safetensors"
+
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """Tensor name → where it lives, for one model (`label` is 'base' or 'aligned')."""
+    """Tensor name → where it lives, for one model (`label` is 'base' or 'aligned').
+
+    `tensors` holds the tensors whose files were indexed; `listed` every name the index or
+    header lists (also those in shards not indexed); `quantization` the `quant_method` of
+    config.json's `quantization_config`, if any.
+    """
 
     root: Path
     label: str
     tensors: dict[str, TensorInfo]
+    listed: frozenset[str] = frozenset()
+    quantization: str | None = None
 
     def info(self, key: str) -> TensorInfo | None:
         return self.tensors.get(key)
 
 
-def _weight_map(root: Path, label: str) -> dict[str, Path]:
-    index = root / INDEX_FILE
-    if index.is_file():
-        try:
-            data = json.loads(index.read_text(encoding="utf-8"))
-            mapping = data["weight_map"]
-            if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
-                raise TypeError("weight_map must map tensor names to file names")
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-            raise InputError(f"{index} is not a valid safetensors index ({exc}).") from None
-        files = {name: root / shard for name, shard in mapping.items()}
-        missing = sorted({str(f.name) for f in files.values() if not f.is_file()})
-        if missing:
-            raise InputError(
-                f"The {label} index {index} points at missing shard(s): {format_keys(missing)}.",
-                hint="Download the complete checkpoint.",
-            )
-        return files
-    single = root / SINGLE_FILE
-    if single.is_file():
-        return {}  # filled from the header by the caller
-    pickled = [name for name in _PICKLE_FILES if (root / name).is_file()]
-    if pickled:
-        raise UnsupportedError(
-            f"The {label} model at {root} has only {pickled[0]}; pickled checkpoints are not supported yet.",
-            hint="Convert it with transformers' save_pretrained(..., safe_serialization=True).",
+def choose_layout(exists: Callable[[str], bool]) -> str | None:
+    """The preferred layout file among those for which `exists(name)` is true."""
+    return next((name for name in LAYOUTS if exists(name)), None)
+
+
+def read_index(index: Path, label: str) -> dict[str, str]:
+    """An index's `weight_map` (tensor name → shard file name), validated."""
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+        mapping = data["weight_map"]
+        if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
+            raise TypeError("weight_map must map tensor names to file names")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise InputError(f"The {label} index {index} is not a valid checkpoint index ({exc}).") from None
+    return mapping
+
+
+def shards_for(weight_map: dict[str, str], needed: Collection[str] | None) -> list[str]:
+    """The shard files holding `needed` tensors (every shard when `needed` is None), sorted."""
+    if needed is None:
+        return sorted(set(weight_map.values()))
+    return sorted({weight_map[name] for name in needed if name in weight_map})
+
+
+def _header(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    return read_header(file) if file.suffix == ".safetensors" else pickled_io.read_header(file)
+
+
+def _quantization(root: Path) -> str | None:
+    """`quantization_config.quant_method` of config.json: a strong sign the weights are not W."""
+    try:
+        config = json.loads((root / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None  # no (readable) config: the tensors themselves are still checked
+    quant = config.get("quantization_config") if isinstance(config, dict) else None
+    if not quant:
+        return None
+    method = quant.get("quant_method") if isinstance(quant, dict) else None
+    return str(method or "unknown method")
+
+
+def _files_to_index(root: Path, label: str, needed: Collection[str] | None) -> tuple[list[Path], dict[str, str]]:
+    """The files whose headers must be read, and the index's weight map ({} for one file)."""
+    layout = choose_layout(lambda name: (root / name).is_file())
+    if layout is None:
+        raise InputError(
+            f"The {label} model at {root} has no {INDEX_FILE}, {SINGLE_FILE}, {PICKLE_INDEX_FILE} or {PICKLE_FILE}.",
+            hint="Pass a directory written by save_pretrained.",
         )
-    raise InputError(
-        f"The {label} model at {root} has no {SINGLE_FILE} or {INDEX_FILE}.",
-        hint="Pass a directory written by save_pretrained.",
-    )
+    if not layout.endswith(".index.json"):
+        return [root / layout], {}
+    mapping = read_index(root / layout, label)
+    shards = shards_for(mapping, needed)
+    missing = [shard for shard in shards if not (root / shard).is_file()]
+    if missing:
+        raise InputError(
+            f"The {label} index {root / layout} points at missing shard(s): {format_keys(missing)}.",
+            hint="Download the complete checkpoint.",
+        )
+    return [root / shard for shard in shards], mapping
 
 
-def open_checkpoint(path: Path, label: str) -> Checkpoint:
-    """Index a checkpoint directory (or a single .safetensors file) by tensor name.
+def open_checkpoint(path: Path, label: str, needed: Collection[str] | None = None) -> Checkpoint:
+    """Index a checkpoint directory (or a single .safetensors/.bin file) by tensor name.
 
-    Reads only headers. Raises `InputError` for missing paths, missing shards and unreadable files.
+    Args:
+        path: the model directory, or one weights file.
+        label: 'base' or 'aligned', for messages.
+        needed: with a sharded layout, index only the shards holding these tensors (the
+            others need not be present, e.g. when only they were downloaded); None: all.
+
+    Reads only headers (pickled shards are memory-mapped, not read). Raises `InputError` for
+    missing paths, missing shards and unreadable files.
     """
     if not path.exists():
         raise InputError(f"The {label} model path {path} does not exist.")
+    mapping: dict[str, str] = {}
     if path.is_file():
-        root, mapping = path.parent, {}
-        single: Path | None = path
+        root, files = path.parent, [path]
     else:
-        root, mapping = path, _weight_map(path, label)
-        single = path / SINGLE_FILE if not mapping else None
+        root = path
+        files, mapping = _files_to_index(path, label, needed)
     tensors: dict[str, TensorInfo] = {}
-    files = [single] if single is not None else sorted(set(mapping.values()))
+    listed = set(mapping)
     for file in files:
-        for key, (shape, dtype) in read_header(file).items():
-            if single is not None or mapping.get(key) == file:
+        for key, (shape, dtype) in _header(file).items():
+            if not mapping or root / mapping.get(key, "") == file:
                 tensors[key] = TensorInfo(file, shape, dtype)
-    listed_absent = sorted(k for k in mapping if k not in tensors)
-    if listed_absent:
+                listed.add(key)
+    absent = sorted(k for k, shard in mapping.items() if root / shard in files and k not in tensors)
+    if absent:
         raise InputError(
-            f"The {label} index lists tensors its shards do not contain: {format_keys(listed_absent)}."
+            f"The {label} index lists tensors its shards do not contain: {format_keys(absent)}."
         )
-    return Checkpoint(root, label, tensors)
+    return Checkpoint(root, label, tensors, frozenset(listed), _quantization(root))
 
 
 def refuse_quantized(checkpoint: Checkpoint, key: str) -> None:
-    """Quantized weights are not W: say which full-precision checkpoint to use instead."""
-    dtype = checkpoint.tensors[key].dtype
-    if dtype in _QUANTIZED_DTYPES:
-        raise UnsupportedError(
-            f"The {checkpoint.label} model stores {key} as {dtype}: quantized checkpoints cannot be used.",
-            hint="Point at the full-precision (float32/float16/bfloat16) release of the same model.",
-        )
+    """Quantized weights are not W: say which full-precision checkpoint to use instead.
+
+    Checked for every adapted module, also when `key` is absent (GPTQ/AWQ store `qweight`
+    instead of `weight`), so the user hears "quantized" rather than "not found".
+
+    Raises:
+        UnsupportedError: when `key` has an integer/FP8 dtype, sits beside quantization tensors
+            (scales, zero points, bitsandbytes state), or config.json declares a quantization.
+    """
+    info = checkpoint.tensors.get(key)
+    module = key.removesuffix(".weight")
+    siblings = [f"{module}.{name}" for name in _QUANTIZED_SIBLINGS if f"{module}.{name}" in checkpoint.listed]
+    if info is not None and info.dtype in _QUANTIZED_DTYPES:
+        found = f"stores {key} as {info.dtype}"
+    elif siblings:
+        found = f"stores {module} as quantized tensors ({format_keys(siblings, 3)})"
+    elif checkpoint.quantization is not None:
+        found = f"is quantized (config.json quantization_config: {checkpoint.quantization})"
+    else:
+        return
+    raise UnsupportedError(
+        f"The {checkpoint.label} model {found}: quantized checkpoints cannot be used, since V = W_aligned − "
+        "W_base needs the real weights.",
+        hint="Point at the full-precision (float32/float16/bfloat16) release the quantized model was made from.",
+    )
 
 
 class TensorStream:
     """Read tensors by name from several checkpoints, one open shard per checkpoint.
 
     Reading modules in the order their tensors lie in the shards means each shard is opened
-    once; switching shards closes the previous one so its memory is released.
+    once; switching shards closes the previous one so its memory is released. Tensors from
+    pickled shards are copied out of the mapping, so none of them keeps a closed shard alive.
     """
 
     def __init__(self) -> None:
@@ -129,9 +209,14 @@ class TensorStream:
         if current is None or current[0] != info.file:
             self._close(checkpoint.label)
             stack = ExitStack()
-            handle = stack.enter_context(open_safetensors(info.file))
+            if info.pickled:
+                handle: Any = pickled_io.load_state_dict(info.file)
+            else:
+                handle = stack.enter_context(open_safetensors(info.file))
             current = (info.file, handle, stack)
             self._open[checkpoint.label] = current
+        if info.pickled:
+            return pickled_io.take(current[1], key, info.file)
         return read_tensor(current[1], key, info.file)
 
     def _close(self, label: str) -> None:

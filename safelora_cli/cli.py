@@ -42,12 +42,24 @@ class SortKey(str, Enum):
 
 
 # Options shared by both commands, declared once.
-BaseOpt = Annotated[str, typer.Option("--base", help="Base (unaligned) model: a directory with model.safetensors "
-                                      "or a sharded index, e.g. Llama-2-7b.", show_default=False)]
-AlignedOpt = Annotated[str, typer.Option("--aligned", help="Safety-aligned model the adapter was trained on, "
-                                         "e.g. Llama-2-7b-chat.", show_default=False)]
-AdapterOpt = Annotated[str, typer.Option("--adapter", help="PEFT LoRA adapter directory "
-                                         "(adapter_config.json + adapter_model.safetensors).", show_default=False)]
+BaseOpt = Annotated[str, typer.Option("--base", help="Base (unaligned) model, e.g. Llama-2-7b: a local directory "
+                                      "(safetensors or .bin, single or sharded) or a Hub id org/name[@revision].",
+                                      show_default=False)]
+AlignedOpt = Annotated[Optional[str], typer.Option(  # noqa: UP045
+    "--aligned", help="Safety-aligned model the adapter was trained on, e.g. Llama-2-7b-chat: a directory or a Hub "
+    "id. Default: the adapter config's base_model_name_or_path (and revision).", show_default=False)]
+AdapterOpt = Annotated[str, typer.Option("--adapter", help="PEFT LoRA adapter: a directory (adapter_config.json + "
+                                         "adapter_model.safetensors or .bin) or a Hub id org/name[@revision].",
+                                         show_default=False)]
+BaseRevisionOpt = Annotated[Optional[str], typer.Option(  # noqa: UP045
+    "--base-revision", help="Hub branch, tag or commit of --base (default: the main branch).", show_default=False)]
+AlignedRevisionOpt = Annotated[Optional[str], typer.Option(  # noqa: UP045
+    "--aligned-revision", help="Hub branch, tag or commit of --aligned.", show_default=False)]
+AdapterRevisionOpt = Annotated[Optional[str], typer.Option(  # noqa: UP045
+    "--adapter-revision", help="Hub branch, tag or commit of --adapter.", show_default=False)]
+TokenOpt = Annotated[Optional[str], typer.Option(  # noqa: UP045
+    "--token", help="Hugging Face token for private or gated repositories. Default: HF_TOKEN, or the token saved by "
+    "`hf auth login`.", show_default=False)]
 ThresholdOpt = Annotated[Optional[float], typer.Option(  # noqa: UP045 - typer needs Optional on 3.10
     "--threshold", help=f"Select layers whose cosine is ≤ this (the paper's rule). Default {DEFAULT_THRESHOLD} "
     "when --top-k is not given.", show_default=False)]
@@ -96,25 +108,32 @@ def _user_errors() -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
-def _config(base: str, aligned: str, adapter: str, threshold: float | None, top_k: int | None,
+def _config(base: str, aligned: str | None, adapter: str, threshold: float | None, top_k: int | None,
             projection: Projection, rank: int | None, energy: float | None, svd: SvdMethod, device: str,
-            out: Path | None = None, force: bool = False) -> RunConfig:
+            out: Path | None = None, force: bool = False,
+            revisions: tuple[str | None, str | None, str | None] = (None, None, None),
+            token: str | None = None) -> RunConfig:
     if threshold is not None and top_k is not None:
         raise UsageError("Choose one selection rule: --threshold or --top-k, not both.")
     rule = SelectionRule(threshold=None, top_k=top_k) if top_k is not None else SelectionRule(
         threshold=DEFAULT_THRESHOLD if threshold is None else threshold)
     return RunConfig(base=base, aligned=aligned, adapter=adapter, selection=rule,
                      projection=ProjectionSettings(projection, rank, energy, svd),
-                     device=device, out=out, force=force)
+                     device=device, out=out, force=force, base_revision=revisions[0],
+                     aligned_revision=revisions[1], adapter_revision=revisions[2], token=token)
 
 
 @app.command()
 def patch(
     base: BaseOpt,
-    aligned: AlignedOpt,
     adapter: AdapterOpt,
     out: Annotated[Path, typer.Option("--out", help="Directory to create for the patched adapter.",
                                       show_default=False)],
+    aligned: AlignedOpt = None,
+    base_revision: BaseRevisionOpt = None,
+    aligned_revision: AlignedRevisionOpt = None,
+    adapter_revision: AdapterRevisionOpt = None,
+    token: TokenOpt = None,
     threshold: ThresholdOpt = None,
     top_k: TopKOpt = None,
     projection: ProjectionOpt = Projection.APPROX,
@@ -131,18 +150,22 @@ def patch(
 
     The output directory holds the adapter files unchanged except adapter_model.safetensors,
     where lora_B of each selected layer is replaced by C·lora_B, plus safelora_report.json.
-    PEFT loads it like the original.
+    PEFT loads it like the original. The weights are always written as safetensors, also when
+    the input adapter had adapter_model.bin (which is then not copied).
 
-    Example:
+    Examples:
 
         safelora patch --base ./llama-2-7b --aligned ./llama-2-7b-chat --adapter ./my-lora --out ./my-lora-safe
+
+        safelora patch --base meta-llama/Llama-2-7b-hf --aligned meta-llama/Llama-2-7b-chat-hf@main \
+            --adapter my-org/my-lora --out ./my-lora-safe
     """
     from safelora_cli import pipeline
     from safelora_cli.report import build_report, to_json, write_text
 
     with _user_errors():
         config = _config(base, aligned, adapter, threshold, top_k, projection, rank, energy, svd, device,
-                         out, force)
+                         out, force, (base_revision, aligned_revision, adapter_revision), token)
         analysis = _run(pipeline.patch, config, quiet)
         report = build_report(analysis, command="patch")
         if json_out:
@@ -160,8 +183,12 @@ def _run(func, config: RunConfig, quiet: bool):  # type: ignore[no-untyped-def]
 @app.command()
 def inspect(
     base: BaseOpt,
-    aligned: AlignedOpt,
     adapter: AdapterOpt,
+    aligned: AlignedOpt = None,
+    base_revision: BaseRevisionOpt = None,
+    aligned_revision: AlignedRevisionOpt = None,
+    adapter_revision: AdapterRevisionOpt = None,
+    token: TokenOpt = None,
     output_format: Annotated[OutputFormat, typer.Option("--format", "-f", help="table, json, csv or markdown; "
                                                         "written to stdout.")] = OutputFormat.TABLE,
     threshold: ThresholdOpt = None,
@@ -179,12 +206,15 @@ def inspect(
     Example:
 
         safelora inspect --base ./llama-2-7b --aligned ./llama-2-7b-chat --adapter ./my-lora --format json
+
+        HF_HUB_OFFLINE=1 safelora inspect --base meta-llama/Llama-2-7b-hf --adapter my-org/my-lora
     """
     from safelora_cli import pipeline
     from safelora_cli.report import build_report, to_csv, to_json, to_markdown, write_text
 
     with _user_errors():
-        config = _config(base, aligned, adapter, threshold, top_k, projection, rank, energy, svd, device)
+        config = _config(base, aligned, adapter, threshold, top_k, projection, rank, energy, svd, device,
+                         revisions=(base_revision, aligned_revision, adapter_revision), token=token)
         analysis = _run(pipeline.analyze, config, quiet)
         report = build_report(analysis, command="inspect")
         if output_format is OutputFormat.TABLE:

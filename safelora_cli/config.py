@@ -78,13 +78,18 @@ class RunConfig:
     """Everything one `patch` or `inspect` run needs."""
 
     base: str
-    aligned: str
+    aligned: str | None  # None: the model named by the adapter's config
     adapter: str
     selection: SelectionRule = field(default_factory=SelectionRule)
     projection: ProjectionSettings = field(default_factory=ProjectionSettings)
     device: str = "auto"
     out: Path | None = None
     force: bool = False
+    # Hub revisions (branch, tag or commit) and token; None: default branch, HF_TOKEN / saved login.
+    base_revision: str | None = None
+    aligned_revision: str | None = None
+    adapter_revision: str | None = None
+    token: str | None = field(default=None, repr=False)
 
     def settings_record(self) -> dict[str, Any]:
         """The settings as plain JSON values, for the report and the provenance metadata."""

@@ -41,6 +41,16 @@ def layer_order_key(module: str) -> list[object]:
     return [int(part) if part.isdigit() else part for part in _DIGITS.split(module)]
 
 
+def weight_key(module: str) -> str:
+    """The checkpoint tensor holding the weight of an adapted module."""
+    return f"{module}.weight"
+
+
+def needed_weight_keys(adapter: Adapter) -> set[str]:
+    """Every checkpoint tensor `pair_layers` will look up: what must be fetched from the Hub."""
+    return {weight_key(m.module) for m in adapter.modules}
+
+
 def pair_layers(adapter: Adapter, base: Checkpoint, aligned: Checkpoint) -> list[LayerPlan]:
     """Match every adapter module to `<module>.weight` in both checkpoints, in layer order.
 
@@ -52,7 +62,10 @@ def pair_layers(adapter: Adapter, base: Checkpoint, aligned: Checkpoint) -> list
     unpaired: dict[str, list[str]] = {"base": [], "aligned": []}
     mismatched: list[str] = []
     for module in sorted(adapter.modules, key=lambda m: layer_order_key(m.module)):
-        key = f"{module.module}.weight"
+        key = weight_key(module.module)
+        # Before "unpaired": a quantized layout may store the module without `<module>.weight`.
+        refuse_quantized(base, key)
+        refuse_quantized(aligned, key)
         infos = {"base": base.info(key), "aligned": aligned.info(key)}
         for label, info in infos.items():
             if info is None:
@@ -60,8 +73,6 @@ def pair_layers(adapter: Adapter, base: Checkpoint, aligned: Checkpoint) -> list
         base_info, aligned_info = infos["base"], infos["aligned"]
         if base_info is None or aligned_info is None:
             continue
-        refuse_quantized(base, key)
-        refuse_quantized(aligned, key)
         a = adapter.tensors[module.a_key]
         b = adapter.tensors[module.b_key]
         expected = (b.shape[0], a.shape[1])

@@ -7,19 +7,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from safelora_cli.adapter import Adapter, load_adapter
-from safelora_cli.checkpoint import Checkpoint, TensorStream, open_checkpoint
+from safelora_cli.checkpoint import Checkpoint, TensorStream
 from safelora_cli.config import RunConfig
 from safelora_cli.errors import InputError, SafeLoraError
-from safelora_cli.pairing import LayerPlan, pair_layers
+from safelora_cli.pairing import LayerPlan, needed_weight_keys, pair_layers
 from safelora_cli.projection import LayerMath, alignment_matrix, analyze_with_v
 from safelora_cli.selection import select
-from safelora_cli.sources import resolve_local
+from safelora_cli.sources import Origin, aligned_from_adapter, resolve_adapter, resolve_model
 
 OnLayer = Callable[[int, int], None]  # (layers done, layers in all)
 
@@ -42,6 +42,7 @@ class Analysis:
     device: str
     layers: list[LayerResult]
     patched_b: dict[str, torch.Tensor]
+    origins: dict[str, Origin] = field(default_factory=dict)  # 'base', 'aligned', 'adapter'
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -101,17 +102,33 @@ def _analyze_one(plan: LayerPlan, inputs: _Inputs, stream: TensorStream, config:
     return result
 
 
+def _resolve_inputs(config: RunConfig) -> tuple[RunConfig, _Inputs, dict[str, Origin]]:
+    """Adapter first: its modules say which tensors (hence which shards) the models must supply.
+
+    Returns the config with `aligned` filled in when it came from the adapter's config.
+    """
+    adapter_origin = resolve_adapter(config.adapter, config.adapter_revision, config.token)
+    adapter = load_adapter(adapter_origin.path)
+    aligned_spec, aligned_revision = config.aligned, config.aligned_revision
+    if aligned_spec is None:
+        aligned_spec, aligned_revision = aligned_from_adapter(adapter.raw_config, adapter.path, aligned_revision)
+    needed = needed_weight_keys(adapter)
+    base, base_origin = resolve_model(config.base, config.base_revision, config.token, "base", needed)
+    aligned, aligned_origin = resolve_model(aligned_spec, aligned_revision, config.token, "aligned", needed)
+    origins = {"base": base_origin, "aligned": replace(aligned_origin, from_adapter_config=config.aligned is None),
+               "adapter": adapter_origin}
+    return replace(config, aligned=aligned_spec), _Inputs(adapter, base, aligned), origins
+
+
 def analyze(config: RunConfig, on_layer: OnLayer | None = None) -> Analysis:
     """Compute every adapted layer's similarity and the patched B of the selected ones."""
-    adapter = load_adapter(resolve_local(config.adapter, "adapter"))
-    base = open_checkpoint(resolve_local(config.base, "base"), "base")
-    aligned = open_checkpoint(resolve_local(config.aligned, "aligned"), "aligned")
+    config, inputs, origins = _resolve_inputs(config)
+    adapter, base, aligned = inputs.adapter, inputs.base, inputs.aligned
     plans = pair_layers(adapter, base, aligned)
     device = resolve_device(config.device)
     # Read in on-disk order (shard by shard) so each shard is opened once; report in layer order.
     read_order = sorted(range(len(plans)), key=lambda i: str(base.tensors[plans[i].weight_key].file))
     maths: dict[int, LayerMath] = {}
-    inputs = _Inputs(adapter, base, aligned)
     with TensorStream() as stream:
         for done, i in enumerate(read_order, start=1):
             maths[i] = _analyze_one(plans[i], inputs, stream, config, device)
@@ -121,7 +138,7 @@ def analyze(config: RunConfig, on_layer: OnLayer | None = None) -> Analysis:
     flags = select([m.cosine for m in ordered], config.selection)
     layers = [LayerResult(p, m, f) for p, m, f in zip(plans, ordered, flags, strict=True)]
     patched = {r.plan.b_key: r.math.projected_b for r in layers if r.selected and r.math.projected_b is not None}
-    return Analysis(config, adapter, base, aligned, str(device), layers, patched)
+    return Analysis(config, adapter, base, aligned, str(device), layers, patched, origins)
 
 
 def patch(config: RunConfig, on_layer: OnLayer | None = None) -> Analysis:

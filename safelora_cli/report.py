@@ -67,6 +67,12 @@ def _summary(layers: list[LayerResult]) -> dict[str, Any]:
     }
 
 
+def _origin(analysis: Analysis, name: str) -> dict[str, Any]:
+    """Requested revision and resolved commit (null for local inputs); see sources.Origin."""
+    origin = analysis.origins.get(name)
+    return origin.record() if origin is not None else {"revision": None, "commit": None}
+
+
 def build_report(analysis: Analysis, command: str) -> dict[str, Any]:
     """The report as plain JSON values; deterministic for the same inputs and settings."""
     config = analysis.config
@@ -75,9 +81,9 @@ def build_report(analysis: Analysis, command: str) -> dict[str, Any]:
         "tool": {"name": "safelora-cli", "version": __version__},
         "command": command,
         "inputs": {
-            "base": {"source": config.base, "path": str(analysis.base.root)},
-            "aligned": {"source": config.aligned, "path": str(analysis.aligned.root)},
-            "adapter": {"source": config.adapter, "path": str(analysis.adapter.path)},
+            "base": {"source": config.base, "path": str(analysis.base.root), **_origin(analysis, "base")},
+            "aligned": {"source": config.aligned, "path": str(analysis.aligned.root), **_origin(analysis, "aligned")},
+            "adapter": {"source": config.adapter, "path": str(analysis.adapter.path), **_origin(analysis, "adapter")},
         },
         "settings": config.settings_record(),
         "device": analysis.device,

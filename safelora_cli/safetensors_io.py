@@ -77,6 +77,11 @@ _DTYPE_NAMES = {
 }
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """The safetensors name of a torch dtype (`torch.bfloat16` → `BF16`); others by torch's name."""
+    return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write a safetensors file whose bytes depend only on its contents.
 

@@ -1,25 +1,164 @@
-"""Resolve what the user passed (--base, --aligned, --adapter) to a local path."""
+"""Resolve what the user passed (--base, --aligned, --adapter) to local files, and record whence.
+
+A spec is a local path or a Hub repository id (`org/name`, optionally `org/name@revision`). An
+existing local path always wins; otherwise a spec shaped like a repo id goes to the Hub; anything
+else is a path that does not exist. Models are resolved for a set of tensor names, so that only
+the index and the shards holding those tensors are downloaded.
+"""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Collection
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from safelora_cli.errors import InputError
+from safelora_cli.checkpoint import CONFIG_FILE, LAYOUTS, Checkpoint, open_checkpoint, read_index, shards_for
+from safelora_cli.errors import InputError, UsageError
+
+# `org/name` or `org/name@revision`: one slash, no leading dot (so ./x/y and ../x stay paths).
+_REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96})(?:@(?P<revision>[^\s@]+))?$")
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
-def resolve_local(spec: str, label: str) -> Path:
-    """A local file or directory; a clear error when it is missing or unreadable."""
+@dataclass(frozen=True)
+class Origin:
+    """Where one input came from: the spec, the local folder used, and for the Hub the commit."""
+
+    spec: str
+    path: Path
+    repo_id: str | None = None
+    revision: str | None = None
+    commit: str | None = None
+    from_adapter_config: bool | None = None
+
+    def record(self) -> dict[str, Any]:
+        """The report's fields beyond source and path (`from_adapter_config` for --aligned only)."""
+        record: dict[str, Any] = {"revision": self.revision, "commit": self.commit}
+        if self.from_adapter_config is not None:
+            record["from_adapter_config"] = self.from_adapter_config
+        return record
+
+
+@dataclass(frozen=True)
+class _Spec:
+    path: Path | None
+    repo_id: str | None
+    revision: str | None
+
+
+def parse_spec(spec: str, revision: str | None, label: str) -> _Spec:
+    """Local path, or Hub id with its revision (inline `@rev` or the --<label>-revision option).
+
+    Raises:
+        InputError: the spec is neither an existing path nor shaped like a repo id.
+        UsageError: a revision for a local path, or two different revisions.
+    """
+    option = "--adapter" if label == "adapter" else f"--{label}"
     path = Path(spec).expanduser()
-    if not path.exists():
+    if path.exists():
+        if revision is not None:
+            raise UsageError(f"{option}-revision applies to Hub repositories, but {spec} is a local path.")
+        return _Spec(path, None, None)
+    match = _REPO_ID.match(spec)
+    if match is None or ".." in spec or "--" in match["repo"]:
         raise InputError(
             f"The {label} path {spec} does not exist.",
-            hint=f"Pass a local directory for --{label}.",
+            hint=f"Pass a local directory, or a Hub repository id such as org/name, to {option}.",
         )
+    inline = match["revision"]
+    if inline is not None and revision is not None and inline != revision:
+        raise UsageError(f"{spec} names revision {inline!r} but {option}-revision says {revision!r}; give one.")
+    return _Spec(None, match["repo"], inline or revision)
+
+
+def check_local_dir(path: Path, spec: str, label: str) -> Path:
+    """A local directory that can be listed and is not empty."""
     if path.is_dir():
         try:
-            next(iter(path.iterdir()), None)
+            entries = list(path.iterdir())
         except PermissionError:
             raise InputError(f"Permission denied reading the {label} directory {spec}.") from None
-        if not any(path.iterdir()):
+        if not entries:
             raise InputError(f"The {label} directory {spec} is empty.")
     return path
+
+
+def resolve_adapter(spec: str, revision: str | None, token: str | None) -> Origin:
+    """The adapter's local folder: a directory, or the top-level files of a Hub repository.
+
+    From the Hub, only top-level files are fetched (config, weights, model card, ...), and of
+    the weights only the file PEFT would load (safetensors when both exist).
+    """
+    parsed = parse_spec(spec, revision, "adapter")
+    if parsed.path is not None:
+        return Origin(spec, check_local_dir(parsed.path, spec, "adapter"))
+    from safelora_cli import hub
+
+    assert parsed.repo_id is not None
+    repo = hub.pin(parsed.repo_id, parsed.revision, token, "adapter")
+    weights = hub.first_present(repo, ADAPTER_WEIGHTS)
+    skip = [name for name in ADAPTER_WEIGHTS if name != weights]
+    folder = hub.snapshot_top_level(repo, skip=skip)
+    return Origin(spec, folder, repo.repo_id, repo.revision, repo.commit)
+
+
+def resolve_model(spec: str, revision: str | None, token: str | None, label: str,
+                  needed: Collection[str]) -> tuple[Checkpoint, Origin]:
+    """Index a model for the tensors in `needed`; from the Hub, download only what holds them.
+
+    Args:
+        spec: local path or Hub id.
+        revision: the --<label>-revision option (None: inline `@rev`, or the default branch).
+        token: Hub token (None: HF_TOKEN or the saved login).
+        label: 'base' or 'aligned'.
+        needed: checkpoint tensor names the adapter needs, e.g. `model.layers.0.self_attn.q_proj.weight`.
+    """
+    parsed = parse_spec(spec, revision, label)
+    if parsed.path is not None:
+        path = check_local_dir(parsed.path, spec, label)
+        return open_checkpoint(path, label), Origin(spec, path)
+    from safelora_cli import hub
+
+    assert parsed.repo_id is not None
+    repo = hub.pin(parsed.repo_id, parsed.revision, token, label)
+    layout = hub.first_present(repo, LAYOUTS)
+    if layout is None:
+        raise InputError(
+            f"The {label} repository {parsed.repo_id} (commit {repo.commit[:12]}) has none of {', '.join(LAYOUTS)}.",
+            hint="Pass a repository with transformers-format weights.",
+        )
+    first = hub.download(repo, layout)
+    if layout.endswith(".index.json"):
+        for shard in shards_for(read_index(first, label), needed):
+            hub.download(repo, shard)
+    hub.first_present(repo, (CONFIG_FILE,))  # optional; its quantization_config flags quantized weights
+    checkpoint = open_checkpoint(first.parent, label, needed=needed)
+    return checkpoint, Origin(spec, first.parent, repo.repo_id, repo.revision, repo.commit)
+
+
+def aligned_from_adapter(raw_config: dict[str, Any], adapter: Path, revision: str | None) -> tuple[str, str | None]:
+    """The aligned model named by adapter_config.json (`base_model_name_or_path`, `revision`).
+
+    Raises:
+        UsageError: when the config names no model.
+    """
+    name = raw_config.get("base_model_name_or_path")
+    if not isinstance(name, str) or not name.strip():
+        raise UsageError(
+            f"--aligned was not given and {adapter / 'adapter_config.json'} names no base_model_name_or_path.",
+            hint="Pass --aligned with the safety-aligned model the adapter was trained on.",
+        )
+    if Path(name).expanduser().exists():
+        return name, revision
+    if _REPO_ID.match(name) is None:
+        raise UsageError(
+            f"--aligned was not given and the adapter's base_model_name_or_path {name!r} is neither an existing "
+            "path nor a Hub repository id.",
+            hint="Pass --aligned with the safety-aligned model the adapter was trained on.",
+        )
+    config_revision = raw_config.get("revision")
+    if revision is None and isinstance(config_revision, str) and config_revision:
+        revision = config_revision
+    return name, revision

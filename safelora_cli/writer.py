@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from safelora_cli import __version__
-from safelora_cli.adapter import WEIGHTS_NAME
+from safelora_cli.adapter import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
 from safelora_cli.errors import OutputError
 from safelora_cli.report import REPORT_NAME, to_json
 from safelora_cli.safetensors_io import read_all_tensors, write_safetensors
@@ -75,7 +75,9 @@ def _provenance(analysis: Analysis) -> str:
 
 def _copy_other_files(src: Path, dst: Path) -> None:
     for entry in sorted(src.iterdir()):
-        if entry.name == WEIGHTS_NAME:
+        # The output's weights are always adapter_model.safetensors; an input .bin is not copied,
+        # since an unpatched pickle beside the patched weights is what some loaders would pick.
+        if entry.name in (WEIGHTS_NAME, LEGACY_WEIGHTS_NAME):
             continue
         if entry.is_dir():
             shutil.copytree(entry, dst / entry.name, symlinks=False)

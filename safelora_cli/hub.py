@@ -1,0 +1,168 @@
+"""The only module that talks to the Hugging Face Hub, and the one place its errors are mapped.
+
+Everything goes through huggingface_hub, so HF_ENDPOINT, HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE,
+HF_TOKEN and a saved login behave as they do for transformers. A repository is pinned once
+(its revision resolved to a commit) and every file is then fetched at that commit: files come
+from one consistent snapshot, and a cached file costs no request at all on later runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from huggingface_hub import (
+    _CACHED_NO_EXIST,
+    HfApi,
+    constants,
+    hf_hub_download,
+    snapshot_download,
+    try_to_load_from_cache,
+)
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+    RevisionResolutionError,
+)
+
+from safelora_cli.errors import InputError
+
+_TOKEN_HINT = "pass a token with --token, set HF_TOKEN, or run `hf auth login`"
+
+
+class HubError(InputError):
+    """A Hub repository, revision or file cannot be had (or not without a token or network)."""
+
+
+@dataclass(frozen=True)
+class PinnedRepo:
+    """A Hub model repository at the commit its requested revision resolved to."""
+
+    repo_id: str
+    label: str
+    revision: str | None
+    commit: str
+    token: str | None = field(default=None, repr=False)
+
+
+def _where(repo_id: str, revision: str | None) -> str:
+    return f"{repo_id}@{revision}" if revision else repo_id
+
+
+def _unreachable(label: str, repo_id: str, what: str) -> HubError:
+    if constants.is_offline_mode():
+        return HubError(
+            f"The {label} {what} of {repo_id} is not in the local cache ({constants.HF_HUB_CACHE}), "
+            "and HF_HUB_OFFLINE is set.",
+            hint="Run once with network access (unset HF_HUB_OFFLINE) to download it, or point HF_HUB_CACHE "
+            "(or HF_HOME) at the cache that holds it.",
+        )
+    return HubError(
+        f"Cannot reach the Hub at {constants.ENDPOINT} to fetch the {label} {what} of {repo_id}, and it is not "
+        "in the local cache.",
+        hint="Check the network (and HF_ENDPOINT, proxies); to use only the cache, set HF_HUB_OFFLINE=1.",
+    )
+
+
+@contextlib.contextmanager
+def hub_errors(label: str, repo_id: str, revision: str | None, what: str) -> Iterator[None]:
+    """Turn huggingface_hub failures into one-line `HubError`s (most specific class first).
+
+    Args:
+        label: 'base', 'aligned' or 'adapter'.
+        repo_id: the repository asked for.
+        revision: the revision asked for, for messages.
+        what: what was being fetched ("revision", "file config.json"), for messages.
+    """
+    option = "--adapter" if label == "adapter" else f"--{label}"
+    try:
+        yield
+    except GatedRepoError:
+        raise HubError(
+            f"The {label} repository {repo_id} is gated and this request is not authorised to read it.",
+            hint=f"Accept its conditions on the Hub page of {repo_id}, then {_TOKEN_HINT}.",
+        ) from None
+    except RepositoryNotFoundError:
+        raise HubError(
+            f"The {label} repository {repo_id} was not found on the Hub ({constants.ENDPOINT}), nor as a local path.",
+            hint=f"Check the id given to {option}; if the repository is private, {_TOKEN_HINT}.",
+        ) from None
+    except RevisionNotFoundError:
+        raise HubError(
+            f"Revision {revision!r} does not exist in the {label} repository {repo_id}.",
+            hint=f"Pass an existing branch, tag or commit with {option}-revision (or {repo_id}@REVISION).",
+        ) from None
+    except (LocalEntryNotFoundError, RevisionResolutionError):
+        raise _unreachable(label, repo_id, what) from None
+    except EntryNotFoundError:
+        raise HubError(
+            f"The {label} repository {_where(repo_id, revision)} has no {what}.",
+            hint="Check the repository's files on the Hub: it may hold another layout or be incomplete.",
+        ) from None
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else "?"
+        raise HubError(
+            f"The Hub answered HTTP {status} for the {label} {what} of {repo_id}.",
+            hint="Retry later; if it persists, check HF_ENDPOINT and the repository's page.",
+        ) from None
+
+
+def pin(repo_id: str, revision: str | None, token: str | None, label: str) -> PinnedRepo:
+    """Resolve `revision` (default branch when None) to a commit, once; offline from the cache."""
+    with hub_errors(label, repo_id, revision, "revision " + (revision or constants.DEFAULT_REVISION)):
+        resolved = HfApi().resolve_revision(repo_id, revision=revision, token=token)
+    return PinnedRepo(repo_id, label, revision, resolved.resolved, token)
+
+
+def download(repo: PinnedRepo, filename: str) -> Path:
+    """One file of the pinned commit, from the cache or downloaded into it."""
+    with hub_errors(repo.label, repo.repo_id, repo.revision, f"file {filename}"):
+        path = hf_hub_download(repo.repo_id, filename, revision=repo.commit, token=repo.token)
+    return Path(path)
+
+
+def first_present(repo: PinnedRepo, names: Sequence[str]) -> str | None:
+    """The first of `names` the pinned commit holds, downloading it; None when it holds none.
+
+    The cache is asked first (a file cached, or cached as absent, costs no request), so a
+    second run with everything cached makes no request at all. Offline, the first cached
+    name wins.
+
+    Raises:
+        HubError: offline with none of `names` cached, or any Hub failure but "no such file".
+    """
+    offline, unknown = constants.is_offline_mode(), False
+    for name in names:
+        entry = try_to_load_from_cache(repo.repo_id, name, revision=repo.commit)
+        if isinstance(entry, str):
+            return name
+        if entry is _CACHED_NO_EXIST:
+            continue
+        unknown = True
+        if offline:
+            continue
+        with hub_errors(repo.label, repo.repo_id, repo.revision, f"file {name}"):
+            try:
+                hf_hub_download(repo.repo_id, name, revision=repo.commit, token=repo.token)
+            except LocalEntryNotFoundError:
+                raise
+            except EntryNotFoundError:
+                continue  # not in this commit: try the next layout
+            return name
+    if offline and unknown:
+        raise _unreachable(repo.label, repo.repo_id, "checkpoint files")
+    return None
+
+
+def snapshot_top_level(repo: PinnedRepo, skip: Sequence[str] = ()) -> Path:
+    """The files at the top of the pinned commit (no subfolders, none of `skip`) as one folder."""
+    with hub_errors(repo.label, repo.repo_id, repo.revision, "files"):
+        folder = snapshot_download(repo.repo_id, revision=repo.commit, token=repo.token,
+                                   ignore_patterns=["*/*", *skip])
+    return Path(folder)
