@@ -176,6 +176,10 @@ def patch(
 
 
 def _run(func, config: RunConfig, quiet: bool):  # type: ignore[no-untyped-def]
+    if quiet:  # huggingface_hub draws its own download bars
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
     with console.layer_progress(enabled=not quiet) as advance:
         return func(config, on_layer=advance)
 

@@ -12,6 +12,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from huggingface_hub import (
     _CACHED_NO_EXIST,
@@ -30,6 +31,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
     RevisionResolutionError,
 )
+from huggingface_hub.utils import tqdm
 
 from safelora_cli.errors import InputError
 
@@ -160,9 +162,16 @@ def first_present(repo: PinnedRepo, names: Sequence[str]) -> str | None:
     return None
 
 
+class _NoFileCountBar(tqdm):
+    """snapshot_download's "Fetching N files" bar says nothing useful; byte bars of downloads stay."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{**kwargs, "disable": True})
+
+
 def snapshot_top_level(repo: PinnedRepo, skip: Sequence[str] = ()) -> Path:
     """The files at the top of the pinned commit (no subfolders, none of `skip`) as one folder."""
     with hub_errors(repo.label, repo.repo_id, repo.revision, "files"):
         folder = snapshot_download(repo.repo_id, revision=repo.commit, token=repo.token,
-                                   ignore_patterns=["*/*", *skip])
+                                   ignore_patterns=["*/*", *skip], tqdm_class=_NoFileCountBar)
     return Path(folder)
