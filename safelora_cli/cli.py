@@ -16,7 +16,8 @@ import typer
 
 from safelora_cli import __version__, console
 from safelora_cli.config import DEFAULT_THRESHOLD, Projection, ProjectionSettings, RunConfig, SelectionRule, SvdMethod
-from safelora_cli.errors import SafeLoraError, UsageError
+from safelora_cli.errors import GateFailed, SafeLoraError, UsageError
+from safelora_cli.gates import Gates, parse_selected_limit
 
 app = typer.Typer(
     name="safelora",
@@ -67,6 +68,18 @@ SvdOpt = Annotated[SvdMethod, typer.Option("--svd", help="SVD for --projection e
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (GPU when present), cpu, cuda or cuda:N.")]
 SortOpt = Annotated[SortKey, typer.Option("--sort", help="Row order of the layer table.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary on stderr.")]
+MaxSelectedOpt = Annotated[Optional[str], typer.Option(  # noqa: UP045
+    "--max-selected", metavar="N|N%", help="Gate: exit 3 when the rule selects more than N layers, or more than "
+    "N% of them (a sign the fine-tune drifted far from the aligned model). Outputs are still written.",
+    show_default=False)]
+FailBelowOpt = Annotated[Optional[float], typer.Option(  # noqa: UP045
+    "--fail-below", metavar="TAU", help="Gate: exit 3 when any defined cosine is below TAU. Outputs are still "
+    "written.", show_default=False)]
+ReportMdOpt = Annotated[Optional[Path], typer.Option(  # noqa: UP045
+    "--report-md", metavar="FILE", help="Also write the report as Markdown to FILE.", show_default=False)]
+PlotOpt = Annotated[Optional[Path], typer.Option(  # noqa: UP045
+    "--plot", metavar="FILE.png", help="Also draw cosine per layer and module to a PNG (needs the plot extra: "
+    "pip install 'safelora-cli[plot]').", show_default=False)]
 
 
 def _version(value: bool) -> None:
@@ -98,14 +111,55 @@ def _user_errors() -> Iterator[None]:
 
 def _config(base: str, aligned: str, adapter: str, threshold: float | None, top_k: int | None,
             projection: Projection, rank: int | None, energy: float | None, svd: SvdMethod, device: str,
-            out: Path | None = None, force: bool = False) -> RunConfig:
+            out: Path | None = None, force: bool = False, gates: Gates | None = None) -> RunConfig:
     if threshold is not None and top_k is not None:
         raise UsageError("Choose one selection rule: --threshold or --top-k, not both.")
     rule = SelectionRule(threshold=None, top_k=top_k) if top_k is not None else SelectionRule(
         threshold=DEFAULT_THRESHOLD if threshold is None else threshold)
     return RunConfig(base=base, aligned=aligned, adapter=adapter, selection=rule,
                      projection=ProjectionSettings(projection, rank, energy, svd),
-                     device=device, out=out, force=force)
+                     device=device, out=out, force=force, gates=gates or Gates())
+
+
+def _gates(max_selected: str | None, fail_below: float | None) -> Gates:
+    limit = parse_selected_limit(max_selected) if max_selected is not None else None
+    return Gates(max_selected=limit, fail_below=fail_below)
+
+
+def _check_side_files(report_md: Path | None, plot: Path | None, config: RunConfig) -> None:
+    """Refuse unusable --report-md/--plot targets (and a missing matplotlib) before any work."""
+    from safelora_cli.writer import check_file_target
+
+    inputs = (config.base, config.aligned, config.adapter)
+    if report_md is not None:
+        check_file_target(report_md, "--report-md", inputs)
+    if plot is not None:
+        from safelora_cli.plot import require_matplotlib
+
+        require_matplotlib()
+        check_file_target(plot, "--plot", inputs)
+
+
+def _write_side_files(report: dict, report_md: Path | None, plot: Path | None) -> None:  # type: ignore[type-arg]
+    from safelora_cli.report import to_markdown
+    from safelora_cli.writer import write_file
+
+    if report_md is not None:
+        write_file(report_md, to_markdown(report).encode("utf-8"))
+    if plot is not None:
+        from safelora_cli.plot import render_png
+
+        write_file(plot, render_png(report))
+
+
+def _raise_failed_gates(report: dict, written: str | None) -> None:  # type: ignore[type-arg]
+    """Exit 3 after everything was written and printed, naming the first failed gate."""
+    from safelora_cli.report import failed_gates
+
+    failed = failed_gates(report)
+    if failed:
+        more = f" ({len(failed) - 1} more gate(s) failed.)" if len(failed) > 1 else ""
+        raise GateFailed(f"Gate failed: {failed[0]['message']}{more}", hint=written)
 
 
 @app.command()
@@ -126,30 +180,42 @@ def patch(
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
     sort: SortOpt = SortKey.LAYER,
     quiet: QuietOpt = False,
+    max_selected: MaxSelectedOpt = None,
+    fail_below: FailBelowOpt = None,
+    report_md: ReportMdOpt = None,
+    plot: PlotOpt = None,
 ) -> None:
     """Write a patched copy of an adapter, with a similarity report.
 
     The output directory holds the adapter files unchanged except adapter_model.safetensors,
     where lora_B of each selected layer is replaced by C·lora_B, plus safelora_report.json.
-    PEFT loads it like the original.
+    PEFT loads it like the original. Its README.md model card gains a "Safe LoRA" section.
 
-    Example:
+    Exit codes: 0 success, 1 bad input or a write failure (nothing is written), 2 wrong usage,
+    3 a gate (--max-selected, --fail-below) failed after the outputs were written.
+
+    Examples:
 
         safelora patch --base ./llama-2-7b --aligned ./llama-2-7b-chat --adapter ./my-lora --out ./my-lora-safe
+
+        safelora patch --base ./base --aligned ./chat --adapter ./my-lora --out ./safe --max-selected 20% --json
     """
     from safelora_cli import pipeline
     from safelora_cli.report import build_report, to_json, write_text
 
     with _user_errors():
         config = _config(base, aligned, adapter, threshold, top_k, projection, rank, energy, svd, device,
-                         out, force)
+                         out, force, _gates(max_selected, fail_below))
+        _check_side_files(report_md, plot, config)
         analysis = _run(pipeline.patch, config, quiet)
         report = build_report(analysis, command="patch")
         if json_out:
             write_text(to_json(report))
+        _write_side_files(report, report_md, plot)
         if not quiet:
             console.print_table(report, sort.value, to_stderr=True)
             console.info(f"Patched adapter written to {out}")
+        _raise_failed_gates(report, f"The patched adapter and its report were written to {out}.")
 
 
 def _run(func, config: RunConfig, quiet: bool):  # type: ignore[no-untyped-def]
@@ -173,18 +239,29 @@ def inspect(
     device: DeviceOpt = "auto",
     sort: SortOpt = SortKey.LAYER,
     quiet: QuietOpt = False,
+    max_selected: MaxSelectedOpt = None,
+    fail_below: FailBelowOpt = None,
+    report_md: ReportMdOpt = None,
+    plot: PlotOpt = None,
 ) -> None:
-    """Print per-layer similarities and which layers a rule would select. Writes nothing.
+    """Print per-layer similarities and which layers a rule would select. Changes nothing.
 
-    Example:
+    Only the files named by --report-md and --plot are written. Exit codes: 0 success, 1 bad input,
+    2 wrong usage, 3 a gate (--max-selected, --fail-below) failed.
+
+    Examples:
 
         safelora inspect --base ./llama-2-7b --aligned ./llama-2-7b-chat --adapter ./my-lora --format json
+
+        safelora inspect --base ./base --aligned ./chat --adapter ./my-lora --fail-below 0.2 --plot cosines.png
     """
     from safelora_cli import pipeline
     from safelora_cli.report import build_report, to_csv, to_json, to_markdown, write_text
 
     with _user_errors():
-        config = _config(base, aligned, adapter, threshold, top_k, projection, rank, energy, svd, device)
+        config = _config(base, aligned, adapter, threshold, top_k, projection, rank, energy, svd, device,
+                         gates=_gates(max_selected, fail_below))
+        _check_side_files(report_md, plot, config)
         analysis = _run(pipeline.analyze, config, quiet)
         report = build_report(analysis, command="inspect")
         if output_format is OutputFormat.TABLE:
@@ -195,6 +272,8 @@ def inspect(
             write_text(to_csv(report, sort.value))
         else:
             write_text(to_markdown(report, sort.value))
+        _write_side_files(report, report_md, plot)
+        _raise_failed_gates(report, None)
 
 
 @app.command()

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from safelora_cli.errors import UsageError
+from safelora_cli.gates import Gates
 
 DEFAULT_THRESHOLD = 0.5
 
@@ -85,6 +86,7 @@ class RunConfig:
     device: str = "auto"
     out: Path | None = None
     force: bool = False
+    gates: Gates = field(default_factory=Gates)
 
     def settings_record(self) -> dict[str, Any]:
         """The settings as plain JSON values, for the report and the provenance metadata."""
