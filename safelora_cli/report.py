@@ -1,7 +1,8 @@
 """The similarity report: one versioned JSON document, and its CSV / Markdown renderings.
 
-Schema (version 1) is documented in docs/report-schema.md; `SCHEMA_VERSION` changes on any
-incompatible edit. Norms are of the weight update as PEFT applies it (LoRA scaling included).
+Schema (version 1) is documented in docs/report-schema.md and shipped as a JSON Schema
+(report_schema.json, see `json_schema`); `SCHEMA_VERSION` changes on any incompatible edit.
+Norms are of the weight update as PEFT applies it (LoRA scaling included).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 
 SCHEMA_VERSION = 1
 REPORT_NAME = "safelora_report.json"
+SCHEMA_FILE = "report_schema.json"  # JSON Schema of the report, shipped as package data
 SORT_KEYS = ("layer", "cosine", "module")
 _COLUMNS = ("module", "layer_index", "rank", "cosine", "selected", "v_norm", "delta_norm", "residual_norm")
 
@@ -99,6 +101,13 @@ def _gates(analysis: Analysis) -> list[GateResult]:
 def failed_gates(report: dict[str, Any]) -> list[dict[str, Any]]:
     """The gates of a report that did not pass (empty when none failed or none were set)."""
     return [g for g in report.get("gates", []) if not g["passed"]]
+
+
+def json_schema() -> dict[str, Any]:
+    """The report's JSON Schema (draft 2020-12), as shipped in the package."""
+    from importlib import resources
+
+    return json.loads(resources.files("safelora_cli").joinpath(SCHEMA_FILE).read_text(encoding="utf-8"))
 
 
 def to_json(report: dict[str, Any]) -> str:
