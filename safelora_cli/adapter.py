@@ -53,10 +53,14 @@ class AdapterConfig:
         return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
 
 
+def _pattern_regex(key: str) -> str:
+    return rf"(.*\.)?({key})$"
+
+
 def _pattern_value(patterns: dict[str, float], module: str, default: float) -> float:
     """PEFT's rule for rank/alpha patterns: the first key matching the end of the module name."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        if re.match(_pattern_regex(key), module):
             return value
     return default
 
@@ -111,7 +115,7 @@ def parse_config(raw: dict[str, Any], where: Path) -> AdapterConfig:
         raise UnsupportedError(f"{where} targets parameters (target_parameters); that is not supported yet.")
     try:
         alpha_pattern = {str(k): float(v) for k, v in (raw.get("alpha_pattern") or {}).items()}
-        return AdapterConfig(
+        config = AdapterConfig(
             r=int(raw.get("r", 8)),
             lora_alpha=float(raw.get("lora_alpha", 8)),
             use_rslora=bool(raw.get("use_rslora", False)),
@@ -120,6 +124,21 @@ def parse_config(raw: dict[str, Any], where: Path) -> AdapterConfig:
         )
     except (TypeError, ValueError, AttributeError) as exc:
         raise InputError(f"{where / CONFIG_NAME} has a malformed r, lora_alpha or alpha_pattern: {exc}.") from None
+    _check_alpha(config, where)
+    return config
+
+
+def _check_alpha(config: AdapterConfig, where: Path) -> None:
+    """Scalings must be finite and pattern keys valid regexes, or the math and the report break."""
+    for key, value in [("lora_alpha", config.lora_alpha), *config.alpha_pattern.items()]:
+        if not math.isfinite(value):
+            raise InputError(f"{where / CONFIG_NAME}: alpha {value} for {key!r} is not a finite number.")
+    for key in config.alpha_pattern:
+        try:
+            re.compile(_pattern_regex(key))
+        except re.error as exc:
+            raise InputError(f"{where / CONFIG_NAME}: alpha_pattern key {key!r} is not a valid regex ({exc}).",
+                             hint="Keys are regexes matched against the end of module names.") from None
 
 
 def split_keys(keys: list[str], where: Path) -> tuple[list[LoraModule], list[str]]:

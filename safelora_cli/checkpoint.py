@@ -21,7 +21,8 @@ from safelora_cli.safetensors_io import open_safetensors, read_header, read_tens
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
-_QUANTIZED_DTYPES = {"I8", "U8", "I4", "U4", "F8_E4M3", "F8_E5M2", "I32"}
+# W must be a float tensor; anything else (int8/fp8/packed ints of quantized checkpoints, BOOL) is refused.
+_WEIGHT_DTYPES = {"F64", "F32", "F16", "BF16"}
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ def open_checkpoint(path: Path, label: str) -> Checkpoint:
 def refuse_quantized(checkpoint: Checkpoint, key: str) -> None:
     """Quantized weights are not W: say which full-precision checkpoint to use instead."""
     dtype = checkpoint.tensors[key].dtype
-    if dtype in _QUANTIZED_DTYPES:
+    if dtype not in _WEIGHT_DTYPES:
         raise UnsupportedError(
             f"The {checkpoint.label} model stores {key} as {dtype}: quantized checkpoints cannot be used.",
             hint="Point at the full-precision (float32/float16/bfloat16) release of the same model.",

@@ -25,10 +25,19 @@ def stdout() -> Console:
     return Console(file=sys.stdout, highlight=False)
 
 
+def one_line(text: str) -> str:
+    """`text` with line breaks and other control characters escaped (`\\n`, `\\x1e`).
+
+    Messages quote file names and library errors, which can hold any character; CI logs and
+    callers that read stderr rely on an error being exactly one line.
+    """
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def error(message: str, hint: str | None = None) -> None:
     """One line on stderr: what is wrong, then what to do about it."""
     stderr.print("[bold red]Error:[/] ", end="", markup=True)
-    stderr.print(f"{message} {hint}" if hint else message, markup=False, highlight=False, soft_wrap=True)
+    stderr.print(one_line(f"{message} {hint}" if hint else message), markup=False, highlight=False, soft_wrap=True)
 
 
 def info(message: str) -> None:

@@ -111,7 +111,8 @@ def json_schema() -> dict[str, Any]:
 
 
 def to_json(report: dict[str, Any]) -> str:
-    return json.dumps(report, indent=2, ensure_ascii=False) + "\n"
+    # allow_nan=False: NaN/Infinity are not JSON; one reaching here is a bug and must not ship silently.
+    return json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
 
 def sorted_layers(report: dict[str, Any], sort: str) -> list[dict[str, Any]]:
