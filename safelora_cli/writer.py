@@ -51,6 +51,8 @@ def check_output_target(out: Path, adapter: Path, force: bool) -> None:
         if not force:
             raise OutputError(f"--out {out} already exists.", hint="Pass --force to replace it, or choose another.")
     parent = _existing_parent(out_abs)
+    if not parent.is_dir():
+        raise OutputError(f"--out {out}: {parent} is a file, not a directory.", hint="Choose another --out.")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"Permission denied: cannot create {out} in {parent}.")
 
