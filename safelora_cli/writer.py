@@ -33,7 +33,8 @@ MODEL_CARD = "README.md"
 # The model card section is fenced so that patching a patched adapter replaces it instead of stacking.
 CARD_BEGIN = "<!-- safelora:begin -->"
 CARD_END = "<!-- safelora:end -->"
-_NEW_CARD = "---\nlibrary_name: peft\ntags:\n- lora\n- safe-lora\n---\n\n# {name}\n\nA PEFT LoRA adapter.\n"
+# Written when the input adapter has no README.md; names no path, so outputs stay reproducible.
+_NEW_CARD = "---\nlibrary_name: peft\ntags:\n- lora\n- safe-lora\n---\n\n# LoRA adapter\n\nA PEFT LoRA adapter.\n"
 
 
 def check_output_target(out: Path, adapter: Path, force: bool) -> None:
@@ -121,7 +122,7 @@ def write_patched_adapter(analysis: Analysis, report: dict[str, Any]) -> Path:
         raise _os_error(exc, out) from None
     try:
         _copy_other_files(adapter.path, staging)
-        _write_model_card(staging / MODEL_CARD, report, out.name)
+        _write_model_card(staging / MODEL_CARD, report)
         write_safetensors(staging / WEIGHTS_NAME, tensors, metadata)
         (staging / REPORT_NAME).write_text(to_json(report), encoding="utf-8")
         _verify(staging / WEIGHTS_NAME, tensors)
@@ -156,19 +157,19 @@ def _replace_dir(staging: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def model_card(existing: str | None, report: dict[str, Any], name: str) -> str:
+def model_card(existing: str | None, report: dict[str, Any]) -> str:
     """The adapter's README.md with its Safe LoRA section added (or replaced, when re-patched)."""
-    card = existing if existing is not None else _NEW_CARD.format(name=name)
+    card = existing if existing is not None else _NEW_CARD
     if CARD_BEGIN in card and CARD_END in card.split(CARD_BEGIN, 1)[1]:
         before, rest = card.split(CARD_BEGIN, 1)
         card = before + rest.split(CARD_END, 1)[1].lstrip("\n")
     return f"{card.rstrip()}\n\n{CARD_BEGIN}\n{to_markdown(report)}{CARD_END}\n"
 
 
-def _write_model_card(path: Path, report: dict[str, Any], name: str) -> None:
+def _write_model_card(path: Path, report: dict[str, Any]) -> None:
     # The copy in staging is ours to change; the input's README.md is never opened for writing.
     existing = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else None
-    path.write_text(model_card(existing, report, name), encoding="utf-8")
+    path.write_text(model_card(existing, report), encoding="utf-8")
 
 
 def _staging_owner(name: str, out_name: str) -> int | None:
