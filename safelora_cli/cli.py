@@ -64,6 +64,12 @@ EnergyOpt = Annotated[Optional[float], typer.Option(  # noqa: UP045
     show_default=False)]
 SvdOpt = Annotated[SvdMethod, typer.Option("--svd", help="SVD for --projection exact: auto picks randomized "
                                            "for a small --rank, full otherwise.")]
+AdapterNameOpt = Annotated[Optional[str], typer.Option(  # noqa: UP045
+    "--adapter-name", metavar="NAME", help="Which of several adapters saved in one directory (PEFT saves a non-default "
+    "adapter in a subfolder named after it).", show_default=False)]
+KeyMapOpt = Annotated[Optional[list[str]], typer.Option(  # noqa: UP045
+    "--key-map", metavar="REGEX=REPLACEMENT", help="Rewrite adapter module names before looking up their "
+    "weights, e.g. '^backbone\\.=model.'. Repeatable; applied in order.", show_default=False)]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (GPU when present), cpu, cuda or cuda:N.")]
 SortOpt = Annotated[SortKey, typer.Option("--sort", help="Row order of the layer table.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary on stderr.")]
@@ -98,14 +104,15 @@ def _user_errors() -> Iterator[None]:
 
 def _config(base: str, aligned: str, adapter: str, threshold: float | None, top_k: int | None,
             projection: Projection, rank: int | None, energy: float | None, svd: SvdMethod, device: str,
-            out: Path | None = None, force: bool = False) -> RunConfig:
+            out: Path | None = None, force: bool = False, adapter_name: str | None = None,
+            key_map: list[str] | None = None) -> RunConfig:
     if threshold is not None and top_k is not None:
         raise UsageError("Choose one selection rule: --threshold or --top-k, not both.")
     rule = SelectionRule(threshold=None, top_k=top_k) if top_k is not None else SelectionRule(
         threshold=DEFAULT_THRESHOLD if threshold is None else threshold)
     return RunConfig(base=base, aligned=aligned, adapter=adapter, selection=rule,
                      projection=ProjectionSettings(projection, rank, energy, svd),
-                     device=device, out=out, force=force)
+                     device=device, out=out, force=force, adapter_name=adapter_name, key_map=tuple(key_map or ()))
 
 
 @app.command()
@@ -123,6 +130,8 @@ def patch(
     svd: SvdOpt = SvdMethod.AUTO,
     device: DeviceOpt = "auto",
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
+    adapter_name: AdapterNameOpt = None,
+    key_map: KeyMapOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
     sort: SortOpt = SortKey.LAYER,
     quiet: QuietOpt = False,
@@ -131,7 +140,8 @@ def patch(
 
     The output directory holds the adapter files unchanged except adapter_model.safetensors,
     where lora_B of each selected layer is replaced by C·lora_B, plus safelora_report.json.
-    PEFT loads it like the original.
+    PEFT loads it like the original. With --adapter-name the output mirrors the input directory
+    (every adapter subfolder copied) and only the chosen adapter is patched.
 
     Example:
 
@@ -142,7 +152,7 @@ def patch(
 
     with _user_errors():
         config = _config(base, aligned, adapter, threshold, top_k, projection, rank, energy, svd, device,
-                         out, force)
+                         out, force, adapter_name, key_map)
         analysis = _run(pipeline.patch, config, quiet)
         report = build_report(analysis, command="patch")
         if json_out:
@@ -173,6 +183,8 @@ def inspect(
     device: DeviceOpt = "auto",
     sort: SortOpt = SortKey.LAYER,
     quiet: QuietOpt = False,
+    adapter_name: AdapterNameOpt = None,
+    key_map: KeyMapOpt = None,
 ) -> None:
     """Print per-layer similarities and which layers a rule would select. Writes nothing.
 
@@ -184,7 +196,8 @@ def inspect(
     from safelora_cli.report import build_report, to_csv, to_json, to_markdown, write_text
 
     with _user_errors():
-        config = _config(base, aligned, adapter, threshold, top_k, projection, rank, energy, svd, device)
+        config = _config(base, aligned, adapter, threshold, top_k, projection, rank, energy, svd, device,
+                         adapter_name=adapter_name, key_map=key_map)
         analysis = _run(pipeline.analyze, config, quiet)
         report = build_report(analysis, command="inspect")
         if output_format is OutputFormat.TABLE:

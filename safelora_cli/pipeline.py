@@ -15,7 +15,9 @@ import torch
 from safelora_cli.adapter import Adapter, load_adapter
 from safelora_cli.checkpoint import Checkpoint, TensorStream, open_checkpoint
 from safelora_cli.config import RunConfig
+from safelora_cli.dora import recompute_magnitudes
 from safelora_cli.errors import InputError, SafeLoraError
+from safelora_cli.naming import parse_key_map
 from safelora_cli.pairing import LayerPlan, pair_layers
 from safelora_cli.projection import LayerMath, alignment_matrix, analyze_with_v
 from safelora_cli.selection import select
@@ -33,7 +35,11 @@ class LayerResult:
 
 @dataclass(frozen=True)
 class Analysis:
-    """Everything a report or a writer needs; `patched_b` maps lora_B keys of selected layers."""
+    """Everything a report or a writer needs.
+
+    `patched_b` maps adapter keys to their replacements: lora_B of the selected layers, and the
+    recomputed DoRA magnitude vectors of those layers (see `dora`).
+    """
 
     config: RunConfig
     adapter: Adapter
@@ -103,10 +109,10 @@ def _analyze_one(plan: LayerPlan, inputs: _Inputs, stream: TensorStream, config:
 
 def analyze(config: RunConfig, on_layer: OnLayer | None = None) -> Analysis:
     """Compute every adapted layer's similarity and the patched B of the selected ones."""
-    adapter = load_adapter(resolve_local(config.adapter, "adapter"))
+    adapter = load_adapter(resolve_local(config.adapter, "adapter"), config.adapter_name)
     base = open_checkpoint(resolve_local(config.base, "base"), "base")
     aligned = open_checkpoint(resolve_local(config.aligned, "aligned"), "aligned")
-    plans = pair_layers(adapter, base, aligned)
+    plans = pair_layers(adapter, base, aligned, parse_key_map(config.key_map))
     device = resolve_device(config.device)
     # Read in on-disk order (shard by shard) so each shard is opened once; report in layer order.
     read_order = sorted(range(len(plans)), key=lambda i: str(base.tensors[plans[i].weight_key].file))
@@ -121,6 +127,8 @@ def analyze(config: RunConfig, on_layer: OnLayer | None = None) -> Analysis:
     flags = select([m.cosine for m in ordered], config.selection)
     layers = [LayerResult(p, m, f) for p, m, f in zip(plans, ordered, flags, strict=True)]
     patched = {r.plan.b_key: r.math.projected_b for r in layers if r.selected and r.math.projected_b is not None}
+    projected = [(r.plan, patched[r.plan.b_key]) for r in layers if r.plan.b_key in patched]
+    patched.update(recompute_magnitudes(projected, adapter.tensors, aligned, device))
     return Analysis(config, adapter, base, aligned, str(device), layers, patched)
 
 
