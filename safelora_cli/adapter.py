@@ -260,6 +260,22 @@ def _check_module(module: LoraModule, tensors: dict[str, torch.Tensor], config: 
         )
 
 
+def _refuse_tied_factors(raw: dict[str, Any], modules: list[LoraModule], path: Path) -> None:
+    """With ensure_weight_tying PEFT makes lm_head's LoRA factors views of the embedding's
+    (lora_A = embedding Bᵀ, lora_B = embedding Aᵀ); projecting the two layers on their own would
+    break that tie, and which copy PEFT loads last would decide the result."""
+    if not raw.get("ensure_weight_tying"):
+        return
+    embedding = [m.module for m in modules if m.embedding]
+    heads = [m.module for m in modules if m.module.rsplit(".", 1)[-1] == "lm_head"]
+    if embedding and heads:
+        raise UnsupportedError(
+            f"{path} ties the LoRA factors of {heads[0]} to those of {embedding[0]} (ensure_weight_tying: true); "
+            "projecting tied factors is not supported.",
+            hint="Train the adapter without ensure_weight_tying, or without LoRA on the embedding or lm_head.",
+        )
+
+
 def load_adapter(path: Path, name: str | None = None) -> Adapter:
     """Read an adapter directory: config, tensors (each in its own dtype) and metadata.
 
@@ -281,6 +297,7 @@ def load_adapter(path: Path, name: str | None = None) -> Adapter:
     modules, other = split_keys(list(tensors), path)
     for module in modules:
         _check_module(module, tensors, config, path)
+    _refuse_tied_factors(raw, modules, path)
     return Adapter(path, config, raw, tensors, metadata, modules, other, root=root,
                    name=name if path != root else None)
 

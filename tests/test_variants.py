@@ -203,6 +203,19 @@ def test_two_present_candidates_are_ambiguous(tmp_path: Path) -> None:
         resolve_key("transformer.h.0.attn.c_attn", keys, tmp_path, "base")
 
 
+def test_base_and_aligned_in_different_layouts_is_an_error() -> None:
+    from test_pairing import make_adapter, make_checkpoint
+
+    from safelora_cli.pairing import pair_layers
+
+    adapter = make_adapter({"transformer.h.0.attn.c_attn": (8, 6, 2)})
+    base = make_checkpoint("base", {"transformer.h.0.attn.c_attn.weight": (8, 6)})
+    aligned = make_checkpoint("aligned", {"h.0.attn.c_attn.weight": (8, 6)})
+    with pytest.raises(PairingError, match="stored as transformer.h.0.attn.c_attn.weight in the base model but "
+                                           "as h.0.attn.c_attn.weight in the aligned"):
+        pair_layers(adapter, base, aligned)
+
+
 @pytest.mark.parametrize(("config", "found"), [(None, None), ({"tie_word_embeddings": False}, None),
                                                ({"tie_word_embeddings": True}, "model.embed_tokens.weight"),
                                                ({"text_config": {"tie_word_embeddings": True}},
@@ -264,6 +277,20 @@ def test_refused_adapters_say_why(variant_cases, tmp_path: Path, changes: dict[s
     assert message in result.stderr
     assert result.stderr.startswith("Error: ")
     assert not (tmp_path / "out").exists()
+
+
+def test_tied_embedding_and_lm_head_factors_are_refused(variant_cases, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """PEFT's ensure_weight_tying shares factors between the tied embedding and lm_head."""
+    from peft import LoraConfig, get_peft_model
+
+    case = variant_cases.case("tied-embedding-llama")
+    config = LoraConfig(r=4, target_modules=["embed_tokens", "lm_head"], init_lora_weights=False,
+                        ensure_weight_tying=True)
+    get_peft_model(case.load_aligned(), config).save_pretrained(tmp_path / "adapter")
+    result = run_cli("inspect", *cli_args(type(case)(**{**case.__dict__, "adapter": tmp_path / "adapter"})))
+    assert result.exit_code == 1
+    assert "ties the LoRA factors of lm_head to those of model.embed_tokens (ensure_weight_tying: true)" \
+        in result.stderr
 
 
 @pytest.mark.parametrize("spec", ["no-equals-sign", "=nothing", "(unclosed=x", r"a=\9"])
