@@ -121,26 +121,50 @@ def analyze_layer(
     return analyze_with_v(v, v_norm, lora_a, lora_b, settings)
 
 
+@dataclass(frozen=True)
+class LayerProjector:
+    """What one layer's V contributes, computed once and shared by every adapter on that layer.
+
+    `project` maps B (out, r) to C·B (or P_k·B); it is None when V = 0.
+    """
+
+    v_norm: float
+    project: Projector | None
+    subspace_rank: int | None = None
+
+
+def make_projector(v: torch.Tensor, v_norm: float, settings: ProjectionSettings) -> LayerProjector:
+    """The projection of `settings` for V (float32, on the compute device) with ‖V‖_F = v_norm."""
+    if v_norm == 0.0:
+        return LayerProjector(0.0, None)
+    if settings.kind is Projection.APPROX:
+        return LayerProjector(v_norm, paper_projector(v, v_norm))
+    u = subspace_basis(v, settings)
+    return LayerProjector(v_norm, lambda b: u @ (u.T @ b), u.shape[1])
+
+
 def analyze_with_v(
     v: torch.Tensor, v_norm: float, lora_a: torch.Tensor, lora_b: torch.Tensor, settings: ProjectionSettings
 ) -> LayerMath:
     """`analyze_layer` once V (float32, on the compute device) and ‖V‖_F are known."""
-    b = lora_b.to(device=v.device, dtype=torch.float32)
-    a64 = lora_a.to(device=v.device, dtype=torch.float64)
+    return apply_projector(make_projector(v, v_norm, settings), lora_a, lora_b, v.device)
+
+
+def apply_projector(
+    projector: LayerProjector, lora_a: torch.Tensor, lora_b: torch.Tensor, device: torch.device
+) -> LayerMath:
+    """Cosine, norms and C·B for one adapter's A (r, in) and B (out, r) on a layer."""
+    b = lora_b.to(device=device, dtype=torch.float32)
+    a64 = lora_a.to(device=device, dtype=torch.float64)
     gram = a64 @ a64.T
     b64 = b.double()
     dw_sq = _gram_inner(b64, b64, gram)
     delta_norm = math.sqrt(max(dw_sq, 0.0))
-    if v_norm == 0.0:
+    if projector.project is None:
         return LayerMath(None, UNDEFINED_V_ZERO, 0.0, delta_norm, 0.0, None, None)
 
-    subspace_rank = None
-    if settings.kind is Projection.APPROX:
-        cb = paper_projector(v, v_norm)(b)
-    else:
-        u = subspace_basis(v, settings)
-        subspace_rank = u.shape[1]
-        cb = u @ (u.T @ b)
+    v_norm, subspace_rank = projector.v_norm, projector.subspace_rank
+    cb = projector.project(b)
     cb64 = cb.double()
     b_distance = float(torch.linalg.vector_norm(b64 - cb64))
     scale = float((b64**2).sum()) * float((a64**2).sum())
