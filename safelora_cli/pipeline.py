@@ -16,12 +16,13 @@ from pathlib import Path
 import torch
 
 from safelora_cli.adapter import Adapter, load_adapter
+from safelora_cli.alignment import AlignmentMatrix
 from safelora_cli.checkpoint import Checkpoint, open_checkpoint
 from safelora_cli.config import ProjectionSettings, RunConfig
 from safelora_cli.errors import InputError, SafeLoraError, UsageError
 from safelora_cli.pairing import LayerPlan, pair_layers
 from safelora_cli.prefetch import Prefetcher, disk_order
-from safelora_cli.projection import LayerMath, LayerProjector, alignment_matrix, apply_projector, make_projector
+from safelora_cli.projection import LayerMath, layer_math, make_projector
 from safelora_cli.selection import select
 from safelora_cli.sources import resolve_local
 
@@ -74,17 +75,16 @@ def _check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
                              hint="The file is corrupted or the training diverged; use a clean copy.")
 
 
-def _alignment(key: str, w_base: torch.Tensor, w_aligned: torch.Tensor, models: tuple[Checkpoint, Checkpoint],
-               device: torch.device) -> tuple[torch.Tensor, float]:
-    """V in float32 on `device` and ‖V‖_F; an error naming the tensor when either weight is not finite."""
-    v = alignment_matrix(w_base, w_aligned, device)
-    v_norm = float(torch.linalg.vector_norm(v))
-    if not math.isfinite(v_norm):
+def _alignment(key: str, w_base: torch.Tensor, w_aligned: torch.Tensor, transposed: bool,
+               models: tuple[Checkpoint, Checkpoint]) -> AlignmentMatrix:
+    """V for one weight; an error naming the tensor when either weight is not finite."""
+    alignment = AlignmentMatrix(w_base, w_aligned, transposed)
+    if not math.isfinite(alignment.norm()):
         # Any NaN/Inf in either weight makes ‖V‖ non-finite; only then pay for finding which.
         for model, weight in zip(models, (w_base, w_aligned), strict=True):
             _check_finite({key: weight}, f"the {model.label} model {model.root}")
         raise InputError(f"W_aligned − W_base overflows float32 for {key}.")
-    return v, v_norm
+    return alignment
 
 
 @dataclass
@@ -101,25 +101,24 @@ class _Job:
         return [(i, p) for i, p in enumerate(self.plans) if p.weight_key == key]
 
 
-def _analyze_plan(plan: LayerPlan, adapter: Adapter, projector: LayerProjector, device: torch.device) -> LayerMath:
-    lora_a, lora_b = adapter.tensors[plan.a_key], adapter.tensors[plan.b_key]
-    result = apply_projector(projector, lora_a, lora_b, device)
-    if result.projected_b is not None:
-        # Keep C·B in the adapter's own dtype on the host: never more memory than the adapter.
-        result = replace(result, projected_b=result.projected_b.to("cpu", lora_b.dtype).contiguous())
-    return result
-
-
-def _projectors(v: torch.Tensor, v_norm: float, settings: ProjectionSettings) -> Callable[[bool], LayerProjector]:
-    """Projector for V or Vᵀ (Conv1D/embedding layouts), each built at most once."""
-    built: dict[bool, LayerProjector] = {}
-
-    def get(transposed: bool) -> LayerProjector:
-        if transposed not in built:
-            built[transposed] = make_projector(v.T if transposed else v, v_norm, settings)
-        return built[transposed]
-
-    return get
+def _analyze_weight(key: str, w_base: torch.Tensor, w_aligned: torch.Tensor, jobs: list[_Job],
+                    models: tuple[Checkpoint, Checkpoint], settings: ProjectionSettings) -> None:
+    """Every adapter's layers on one weight: V and its projection once, the B's side by side."""
+    targets = [(job, i, plan) for job in jobs for i, plan in job.plans_for(key)]
+    for transposed in sorted({plan.transposed for _, _, plan in targets}):
+        group = [t for t in targets if t[2].transposed == transposed]
+        projector = make_projector(_alignment(key, w_base, w_aligned, transposed, models), settings)
+        bs = [job.adapter.tensors[plan.b_key].to(w_base.device, torch.float32) for job, _, plan in group]
+        cbs: list[torch.Tensor | None] = [None] * len(group)
+        if projector.project is not None:
+            cbs = list(projector.project(bs))
+        for (job, i, plan), cb in zip(group, cbs, strict=True):
+            lora_a, lora_b = job.adapter.tensors[plan.a_key], job.adapter.tensors[plan.b_key]
+            math_ = layer_math(projector, lora_a, lora_b, cb)
+            if math_.projected_b is not None:
+                # Keep C·B in the adapter's own dtype on the host: never more memory than the adapter.
+                math_ = replace(math_, projected_b=math_.projected_b.to("cpu", lora_b.dtype).contiguous())
+            job.maths[i] = math_
 
 
 def _load_jobs(configs: list[RunConfig]) -> tuple[list[_Job], Checkpoint, Checkpoint]:
@@ -145,16 +144,10 @@ def analyze_many(configs: list[RunConfig], on_layer: OnLayer | None = None) -> l
     """Analyse several adapters of the same base/aligned pair in one pass over the weights."""
     jobs, base, aligned = _load_jobs(configs)
     device = resolve_device(configs[0].device)
-    settings = configs[0].projection
     keys = disk_order(sorted({p.weight_key for job in jobs for p in job.plans}), base)
     with Prefetcher(keys, base, aligned, device) as fetched:
         for done, item in enumerate(fetched, start=1):
-            v, v_norm = _alignment(item.key, *item.wait(), (base, aligned), device)
-            projector_for = _projectors(v, v_norm, settings)
-            for job in jobs:
-                for i, plan in job.plans_for(item.key):
-                    job.maths[i] = _analyze_plan(plan, job.adapter, projector_for(plan.transposed), device)
-            del v, item
+            _analyze_weight(item.key, *item.wait(), jobs, (base, aligned), configs[0].projection)
             if on_layer is not None:
                 on_layer(done, len(keys))
     return [_finish(job, base, aligned, str(device)) for job in jobs]

@@ -16,7 +16,7 @@ from helpers import run_cli, tree_digest
 from safelora_cli import checkpoint
 from safelora_cli.checkpoint import open_checkpoint
 from safelora_cli.errors import InputError
-from safelora_cli.prefetch import Prefetcher
+from safelora_cli.prefetch import Prefetcher, weight_bytes
 
 
 @pytest.fixture(scope="session")
@@ -72,17 +72,27 @@ def _counting_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return counter
 
 
-def test_read_ahead_is_bounded(sharded_trio: Trio, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("modules_in_budget", [1, 3])
+def test_read_ahead_is_bounded_in_bytes(modules_in_budget: int, sharded_trio: Trio,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
     base, aligned = open_checkpoint(sharded_trio.base, "base"), open_checkpoint(sharded_trio.aligned, "aligned")
-    keys = [k for k in base.tensors if k.endswith("proj.weight")]
+    keys = sorted(k for k in base.tensors if k.endswith("q_proj.weight"))  # all the same size
+    size = weight_bytes((base, aligned), keys[0])
     reads = _counting_reads(monkeypatch)
-    depth, ahead = 2, []
-    with Prefetcher(keys, base, aligned, torch.device("cpu"), depth=depth) as items:
-        for consumed, _item in enumerate(items, start=1):
-            time.sleep(0.02)  # a slow consumer: the reader would run away if it could
-            ahead.append(reads[0] // 2 - consumed)
-    assert max(ahead) <= depth + 1  # the queue, plus the one the reader holds while waiting
+    held = []
+    with Prefetcher(keys, base, aligned, torch.device("cpu"), budget_bytes=modules_in_budget * size) as items:
+        for consumed, _item in enumerate(items):
+            time.sleep(0.05)  # a slow consumer: the reader would run away if it could
+            held.append(reads[0] // 2 - consumed)  # read and not yet released, this one included
+    assert max(held) == modules_in_budget
     assert reads[0] == 2 * len(keys)
+
+
+def test_a_module_larger_than_the_budget_is_still_read(sharded_trio: Trio) -> None:
+    base, aligned = open_checkpoint(sharded_trio.base, "base"), open_checkpoint(sharded_trio.aligned, "aligned")
+    keys = sorted(k for k in base.tensors if k.endswith("proj.weight"))
+    with Prefetcher(keys, base, aligned, torch.device("cpu"), budget_bytes=1) as items:
+        assert [item.key for item in items] == keys
 
 
 def test_reader_errors_reach_the_caller(sharded_trio: Trio, tmp_path: Path) -> None:
@@ -107,7 +117,7 @@ def test_leaving_early_stops_the_reader(sharded_trio: Trio) -> None:
     keys = [k for k in base.tensors if k.endswith("proj.weight")]
     before = threading.active_count()
     with pytest.raises(RuntimeError, match="consumer failed"), \
-            Prefetcher(keys, base, aligned, torch.device("cpu"), depth=1) as items:
+            Prefetcher(keys, base, aligned, torch.device("cpu"), budget_bytes=1) as items:
         for _ in items:
             raise RuntimeError("consumer failed")
     assert threading.active_count() == before
