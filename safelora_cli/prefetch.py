@@ -20,7 +20,8 @@ import torch
 
 from safelora_cli.checkpoint import Checkpoint, TensorStream
 
-READ_AHEAD_BYTES = 256 << 20
+# Enough for two 7B-class MLP weights of both models, so reading overlaps computing there.
+READ_AHEAD_BYTES = 384 << 20
 _POLL_SECONDS = 0.1
 _DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2}
 
@@ -70,7 +71,9 @@ class Prefetcher:
     """Iterate `Fetched` items for `keys`, in that order, reading ahead up to `budget_bytes`.
 
     An item counts against the budget from when it is read until the consumer asks for the
-    next one. Use as a context manager: leaving it (normally or by an exception) stops the reader.
+    next one. The budget is raised to two of the largest items, so that one can be read while
+    the other is computed. Use as a context manager: leaving it (normally or by an exception)
+    stops the reader.
     """
 
     def __init__(self, keys: list[str], base: Checkpoint, aligned: Checkpoint, device: torch.device,
@@ -78,7 +81,8 @@ class Prefetcher:
         self._keys = keys
         self._models = (base, aligned)
         self._device = device
-        self._budget = budget_bytes
+        largest = max((weight_bytes(self._models, k) for k in keys), default=0)
+        self._budget = max(budget_bytes, 2 * largest)
         self._queue: queue.Queue[object] = queue.Queue()
         self._held = 0  # bytes read and not yet released by the consumer
         self._room = threading.Condition()

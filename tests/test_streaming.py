@@ -72,23 +72,24 @@ def _counting_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return counter
 
 
-@pytest.mark.parametrize("modules_in_budget", [1, 3])
-def test_read_ahead_is_bounded_in_bytes(modules_in_budget: int, sharded_trio: Trio,
+@pytest.mark.parametrize(("budget_modules", "held_modules"), [(0, 2), (2, 2), (3, 3)])
+def test_read_ahead_is_bounded_in_bytes(budget_modules: int, held_modules: int, sharded_trio: Trio,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """At most the budget is held, and never less than two modules (one read, one computed)."""
     base, aligned = open_checkpoint(sharded_trio.base, "base"), open_checkpoint(sharded_trio.aligned, "aligned")
     keys = sorted(k for k in base.tensors if k.endswith("q_proj.weight"))  # all the same size
     size = weight_bytes((base, aligned), keys[0])
     reads = _counting_reads(monkeypatch)
     held = []
-    with Prefetcher(keys, base, aligned, torch.device("cpu"), budget_bytes=modules_in_budget * size) as items:
+    with Prefetcher(keys, base, aligned, torch.device("cpu"), budget_bytes=budget_modules * size) as items:
         for consumed, _item in enumerate(items):
             time.sleep(0.05)  # a slow consumer: the reader would run away if it could
             held.append(reads[0] // 2 - consumed)  # read and not yet released, this one included
-    assert max(held) == modules_in_budget
+    assert max(held) == held_modules
     assert reads[0] == 2 * len(keys)
 
 
-def test_a_module_larger_than_the_budget_is_still_read(sharded_trio: Trio) -> None:
+def test_every_key_is_read_in_order_under_a_tiny_budget(sharded_trio: Trio) -> None:
     base, aligned = open_checkpoint(sharded_trio.base, "base"), open_checkpoint(sharded_trio.aligned, "aligned")
     keys = sorted(k for k in base.tensors if k.endswith("proj.weight"))
     with Prefetcher(keys, base, aligned, torch.device("cpu"), budget_bytes=1) as items:
