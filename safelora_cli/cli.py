@@ -119,9 +119,11 @@ def _config(base: str, aligned: str, adapter: str, threshold: float | None, top_
 def patch(
     base: BaseOpt,
     aligned: AlignedOpt,
-    adapter: AdapterOpt,
-    out: Annotated[Path, typer.Option("--out", help="Directory to create for the patched adapter.",
-                                      show_default=False)],
+    adapter: Annotated[list[str], typer.Option(
+        "--adapter", help="PEFT LoRA adapter directory. Repeat it to patch several adapters of the same "
+        "base/aligned pair in one pass over the weights.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="Directory to create for the patched adapter; with several "
+                                      "--adapter, each goes to OUT/<adapter directory name>.", show_default=False)],
     threshold: ThresholdOpt = None,
     top_k: TopKOpt = None,
     projection: ProjectionOpt = Projection.APPROX,
@@ -151,20 +153,36 @@ def patch(
     from safelora_cli.report import build_report, to_json, write_text
 
     with _user_errors():
-        config = _config(base, aligned, adapter, threshold, top_k, projection, rank, energy, svd, device,
-                         out, force, adapter_name, key_map)
-        analysis = _run(pipeline.patch, config, quiet)
-        report = build_report(analysis, command="patch")
+        outs = _output_dirs(adapter, out)
+        configs = [_config(base, aligned, a, threshold, top_k, projection, rank, energy, svd, device, o, force,
+                           adapter_name, key_map)
+                   for a, o in zip(adapter, outs, strict=True)]
+        analyses = _run(pipeline.patch_many, configs, quiet)
+        reports = [build_report(a, command="patch") for a in analyses]
         if json_out:
-            write_text(to_json(report))
+            # One adapter: the report object; several: a list of them, in --adapter order.
+            write_text(to_json(reports[0] if len(reports) == 1 else reports))  # type: ignore[arg-type]
         if not quiet:
-            console.print_table(report, sort.value, to_stderr=True)
-            console.info(f"Patched adapter written to {out}")
+            for report, written in zip(reports, outs, strict=True):
+                console.print_table(report, sort.value, to_stderr=True)
+                console.info(f"Patched adapter written to {written}")
 
 
-def _run(func, config: RunConfig, quiet: bool):  # type: ignore[no-untyped-def]
+def _output_dirs(adapters: list[str], out: Path) -> list[Path]:
+    """One adapter → OUT itself; several → OUT/<name of each adapter's directory or repo>."""
+    if len(adapters) == 1:
+        return [out]
+    names = [Path(a.rstrip("/")).name for a in adapters]
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        raise UsageError(f"Several --adapter values end in the same name ({', '.join(clashes)}); their outputs "
+                         f"would collide in {out}.", hint="Patch them in separate runs with their own --out.")
+    return [out / name for name in names]
+
+
+def _run(func, arg, quiet: bool):  # type: ignore[no-untyped-def]
     with console.layer_progress(enabled=not quiet) as advance:
-        return func(config, on_layer=advance)
+        return func(arg, on_layer=advance)
 
 
 @app.command()
