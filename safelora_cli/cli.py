@@ -65,6 +65,12 @@ EnergyOpt = Annotated[Optional[float], typer.Option(  # noqa: UP045
     show_default=False)]
 SvdOpt = Annotated[SvdMethod, typer.Option("--svd", help="SVD for --projection exact: auto picks randomized "
                                            "for a small --rank, full otherwise.")]
+AdapterNameOpt = Annotated[Optional[str], typer.Option(  # noqa: UP045
+    "--adapter-name", metavar="NAME", help="Which of several adapters saved in one directory (PEFT saves a non-default "
+    "adapter in a subfolder named after it).", show_default=False)]
+KeyMapOpt = Annotated[Optional[list[str]], typer.Option(  # noqa: UP045
+    "--key-map", metavar="REGEX=REPLACEMENT", help="Rewrite adapter module names before looking up their "
+    "weights, e.g. '^backbone\\.=model.'. Repeatable; applied in order.", show_default=False)]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (GPU when present), cpu, cuda or cuda:N.")]
 SortOpt = Annotated[SortKey, typer.Option("--sort", help="Row order of the layer table.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary on stderr.")]
@@ -111,14 +117,16 @@ def _user_errors() -> Iterator[None]:
 
 def _config(base: str, aligned: str, adapter: str, threshold: float | None, top_k: int | None,
             projection: Projection, rank: int | None, energy: float | None, svd: SvdMethod, device: str,
-            out: Path | None = None, force: bool = False, gates: Gates | None = None) -> RunConfig:
+            out: Path | None = None, force: bool = False, adapter_name: str | None = None,
+            key_map: list[str] | None = None, gates: Gates | None = None) -> RunConfig:
     if threshold is not None and top_k is not None:
         raise UsageError("Choose one selection rule: --threshold or --top-k, not both.")
     rule = SelectionRule(threshold=None, top_k=top_k) if top_k is not None else SelectionRule(
         threshold=DEFAULT_THRESHOLD if threshold is None else threshold)
     return RunConfig(base=base, aligned=aligned, adapter=adapter, selection=rule,
                      projection=ProjectionSettings(projection, rank, energy, svd),
-                     device=device, out=out, force=force, gates=gates or Gates())
+                     device=device, out=out, force=force, adapter_name=adapter_name, key_map=tuple(key_map or ()),
+                     gates=gates or Gates())
 
 
 def _gates(max_selected: str | None, fail_below: float | None) -> Gates:
@@ -126,11 +134,11 @@ def _gates(max_selected: str | None, fail_below: float | None) -> Gates:
     return Gates(max_selected=limit, fail_below=fail_below)
 
 
-def _check_side_files(report_md: Path | None, plot: Path | None, config: RunConfig) -> None:
+def _check_side_files(report_md: Path | None, plot: Path | None, configs: list[RunConfig]) -> None:
     """Refuse unusable --report-md/--plot targets (and a missing matplotlib) before any work."""
     from safelora_cli.writer import check_file_target
 
-    inputs = (config.base, config.aligned, config.adapter)
+    inputs = (configs[0].base, configs[0].aligned, *(c.adapter for c in configs))
     if report_md is not None:
         check_file_target(report_md, "--report-md", inputs)
     if plot is not None:
@@ -140,23 +148,30 @@ def _check_side_files(report_md: Path | None, plot: Path | None, config: RunConf
         check_file_target(plot, "--plot", inputs)
 
 
-def _write_side_files(report: dict, report_md: Path | None, plot: Path | None) -> None:  # type: ignore[type-arg]
+def _write_side_files(reports: list[dict], report_md: Path | None, plot: Path | None,  # type: ignore[type-arg]
+                      names: list[str] | None = None) -> None:
+    """One Markdown file holding each report's section; one plot per report (named after its output
+    directory when there are several)."""
     from safelora_cli.report import to_markdown
     from safelora_cli.writer import write_file
 
     if report_md is not None:
-        write_file(report_md, to_markdown(report).encode("utf-8"))
+        write_file(report_md, "\n".join(to_markdown(r) for r in reports).encode("utf-8"))
     if plot is not None:
         from safelora_cli.plot import render_png
 
-        write_file(plot, render_png(report))
+        for report, name in zip(reports, names or [""] * len(reports), strict=True):
+            target = plot.with_name(f"{plot.stem}-{name}{plot.suffix}") if len(reports) > 1 else plot
+            write_file(target, render_png(report))
 
 
-def _raise_failed_gates(report: dict, written: str | None) -> None:  # type: ignore[type-arg]
+def _raise_failed_gates(reports: list[dict], written: str | None) -> None:  # type: ignore[type-arg]
     """Exit 3 after everything was written and printed, naming the first failed gate."""
     from safelora_cli.report import failed_gates
 
-    failed = failed_gates(report)
+    # With several adapters, say whose gate failed.
+    failed = [{**g, "message": g["message"] if len(reports) == 1 else f"{r['inputs']['adapter']['source']}: "
+               f"{g['message']}"} for r in reports for g in failed_gates(r)]
     if failed:
         more = f" ({len(failed) - 1} more gate(s) failed.)" if len(failed) > 1 else ""
         raise GateFailed(f"Gate failed: {failed[0]['message']}{more}", hint=written)
@@ -166,9 +181,11 @@ def _raise_failed_gates(report: dict, written: str | None) -> None:  # type: ign
 def patch(
     base: BaseOpt,
     aligned: AlignedOpt,
-    adapter: AdapterOpt,
-    out: Annotated[Path, typer.Option("--out", help="Directory to create for the patched adapter.",
-                                      show_default=False)],
+    adapter: Annotated[list[str], typer.Option(
+        "--adapter", help="PEFT LoRA adapter directory. Repeat it to patch several adapters of the same "
+        "base/aligned pair in one pass over the weights.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="Directory to create for the patched adapter; with several "
+                                      "--adapter, each goes to OUT/<adapter directory name>.", show_default=False)],
     threshold: ThresholdOpt = None,
     top_k: TopKOpt = None,
     projection: ProjectionOpt = Projection.APPROX,
@@ -177,6 +194,8 @@ def patch(
     svd: SvdOpt = SvdMethod.AUTO,
     device: DeviceOpt = "auto",
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
+    adapter_name: AdapterNameOpt = None,
+    key_map: KeyMapOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
     sort: SortOpt = SortKey.LAYER,
     quiet: QuietOpt = False,
@@ -189,7 +208,9 @@ def patch(
 
     The output directory holds the adapter files unchanged except adapter_model.safetensors,
     where lora_B of each selected layer is replaced by C·lora_B, plus safelora_report.json.
-    PEFT loads it like the original. Its README.md model card gains a "Safe LoRA" section.
+    PEFT loads it like the original. Its README.md model card gains a "Safe LoRA" section. With
+    --adapter-name the output mirrors the input directory (every adapter subfolder copied) and only
+    the chosen adapter is patched.
 
     Exit codes: 0 success, 1 bad input or a write failure (nothing is written), 2 wrong usage,
     3 a gate (--max-selected, --fail-below) failed after the outputs were written.
@@ -204,23 +225,39 @@ def patch(
     from safelora_cli.report import build_report, to_json, write_text
 
     with _user_errors():
-        config = _config(base, aligned, adapter, threshold, top_k, projection, rank, energy, svd, device,
-                         out, force, _gates(max_selected, fail_below))
-        _check_side_files(report_md, plot, config)
-        analysis = _run(pipeline.patch, config, quiet)
-        report = build_report(analysis, command="patch")
+        outs = _output_dirs(adapter, out)
+        configs = [_config(base, aligned, a, threshold, top_k, projection, rank, energy, svd, device, o, force,
+                           adapter_name, key_map, _gates(max_selected, fail_below))
+                   for a, o in zip(adapter, outs, strict=True)]
+        _check_side_files(report_md, plot, configs)
+        analyses = _run(pipeline.patch_many, configs, quiet)
+        reports = [build_report(a, command="patch") for a in analyses]
         if json_out:
-            write_text(to_json(report))
-        _write_side_files(report, report_md, plot)
+            # One adapter: the report object; several: a list of them, in --adapter order.
+            write_text(to_json(reports[0] if len(reports) == 1 else reports))  # type: ignore[arg-type]
+        _write_side_files(reports, report_md, plot, [o.name for o in outs])
         if not quiet:
-            console.print_table(report, sort.value, to_stderr=True)
-            console.info(f"Patched adapter written to {out}")
-        _raise_failed_gates(report, f"The patched adapter and its report were written to {out}.")
+            for report, written in zip(reports, outs, strict=True):
+                console.print_table(report, sort.value, to_stderr=True)
+                console.info(f"Patched adapter written to {written}")
+        _raise_failed_gates(reports, f"The patched adapter and its report were written to {out}.")
 
 
-def _run(func, config: RunConfig, quiet: bool):  # type: ignore[no-untyped-def]
+def _output_dirs(adapters: list[str], out: Path) -> list[Path]:
+    """One adapter → OUT itself; several → OUT/<name of each adapter's directory or repo>."""
+    if len(adapters) == 1:
+        return [out]
+    names = [Path(a.rstrip("/")).name for a in adapters]
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        raise UsageError(f"Several --adapter values end in the same name ({', '.join(clashes)}); their outputs "
+                         f"would collide in {out}.", hint="Patch them in separate runs with their own --out.")
+    return [out / name for name in names]
+
+
+def _run(func, arg, quiet: bool):  # type: ignore[no-untyped-def]
     with console.layer_progress(enabled=not quiet) as advance:
-        return func(config, on_layer=advance)
+        return func(arg, on_layer=advance)
 
 
 @app.command()
@@ -239,6 +276,8 @@ def inspect(
     device: DeviceOpt = "auto",
     sort: SortOpt = SortKey.LAYER,
     quiet: QuietOpt = False,
+    adapter_name: AdapterNameOpt = None,
+    key_map: KeyMapOpt = None,
     max_selected: MaxSelectedOpt = None,
     fail_below: FailBelowOpt = None,
     report_md: ReportMdOpt = None,
@@ -260,8 +299,8 @@ def inspect(
 
     with _user_errors():
         config = _config(base, aligned, adapter, threshold, top_k, projection, rank, energy, svd, device,
-                         gates=_gates(max_selected, fail_below))
-        _check_side_files(report_md, plot, config)
+                         adapter_name=adapter_name, key_map=key_map, gates=_gates(max_selected, fail_below))
+        _check_side_files(report_md, plot, [config])
         analysis = _run(pipeline.analyze, config, quiet)
         report = build_report(analysis, command="inspect")
         if output_format is OutputFormat.TABLE:
@@ -272,8 +311,8 @@ def inspect(
             write_text(to_csv(report, sort.value))
         else:
             write_text(to_markdown(report, sort.value))
-        _write_side_files(report, report_md, plot)
-        _raise_failed_gates(report, None)
+        _write_side_files([report], report_md, plot)
+        _raise_failed_gates([report], None)
 
 
 @app.command()

@@ -60,14 +60,17 @@ def layer_progress(enabled: bool) -> Iterator[Callable[[int, int], None]]:
 
 
 def layer_table(report: dict[str, Any], sort: str, title: str | None = None) -> Table:
+    rows = sorted_layers(report, sort)
+    names = [_short_name(row) for row in rows]
     table = Table(title=title, title_justify="left")
-    for name, justify in (("module", "left"), ("layer", "right"), ("r", "right"), ("cosine", "right"),
-                          ("selected", "center"), ("‖V‖", "right"), ("‖ΔW‖", "right"), ("‖ΔW−CΔW‖", "right")):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
-    for row in sorted_layers(report, sort):
+    # The module column never truncates; the numeric columns are short and give way first.
+    table.add_column("module", no_wrap=True, min_width=max(map(len, names), default=6))
+    for name in ("layer", "r", "cosine", "select", "‖V‖", "‖ΔW‖", "‖ΔW−CΔW‖"):
+        table.add_column(name, justify="center" if name == "select" else "right")
+    for name, row in zip(names, rows, strict=True):
         cosine = fmt(row["cosine"]) if row["cosine"] is not None else "undefined"
         mark = "[bold green]✓[/]" if row["selected"] else ""
-        table.add_row(_short_name(row), fmt(row["layer_index"]), str(row["rank"]), cosine, mark,
+        table.add_row(name, fmt(row["layer_index"]), str(row["rank"]), cosine, mark,
                       fmt(row["v_norm"]), fmt(row["delta_norm"]), fmt(row["residual_norm"]))
     return table
 

@@ -1,27 +1,34 @@
 """The stages in order: resolve inputs → index → pair → stream and compute → select → write.
 
-This is the only module that knows the order. Each stage lives in its own module.
+This is the only module that knows the order. Each stage lives in its own module. Several
+adapters on the same base/aligned pair share one pass over the weights: each module's W_base
+and W_aligned are read once, V and its projection are formed once, and every adapter that
+targets the module is analysed from them.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from safelora_cli.adapter import Adapter, load_adapter
-from safelora_cli.checkpoint import Checkpoint, TensorStream, open_checkpoint
-from safelora_cli.config import RunConfig
-from safelora_cli.errors import InputError, SafeLoraError
+from safelora_cli.alignment import AlignmentMatrix
+from safelora_cli.checkpoint import Checkpoint, open_checkpoint
+from safelora_cli.config import ProjectionSettings, RunConfig
+from safelora_cli.dora import recompute_magnitudes
+from safelora_cli.errors import InputError, SafeLoraError, UsageError
+from safelora_cli.naming import parse_key_map
 from safelora_cli.pairing import LayerPlan, pair_layers
-from safelora_cli.projection import LayerMath, alignment_matrix, analyze_with_v
+from safelora_cli.prefetch import Prefetcher, disk_order
+from safelora_cli.projection import LayerMath, layer_math, make_projector
 from safelora_cli.selection import select
 from safelora_cli.sources import resolve_local
 
-OnLayer = Callable[[int, int], None]  # (layers done, layers in all)
+OnLayer = Callable[[int, int], None]  # (modules done, modules in all)
 
 
 @dataclass(frozen=True)
@@ -33,7 +40,11 @@ class LayerResult:
 
 @dataclass(frozen=True)
 class Analysis:
-    """Everything a report or a writer needs; `patched_b` maps lora_B keys of selected layers."""
+    """Everything a report or a writer needs.
+
+    `patched_b` maps adapter keys to their replacements: lora_B of the selected layers, and the
+    recomputed DoRA magnitude vectors of those layers (see `dora`).
+    """
 
     config: RunConfig
     adapter: Adapter
@@ -70,67 +81,117 @@ def _check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
                              hint="The file is corrupted or the training diverged; use a clean copy.")
 
 
-@dataclass(frozen=True)
-class _Inputs:
-    adapter: Adapter
-    base: Checkpoint
-    aligned: Checkpoint
-
-
-def _analyze_one(plan: LayerPlan, inputs: _Inputs, stream: TensorStream, config: RunConfig,
-                 device: torch.device) -> LayerMath:
-    adapter, base, aligned = inputs.adapter, inputs.base, inputs.aligned
-    lora_a, lora_b = adapter.tensors[plan.a_key], adapter.tensors[plan.b_key]
-    _check_finite({plan.a_key: lora_a, plan.b_key: lora_b}, f"the adapter {adapter.path}")
-    w_base = stream.read(base, plan.weight_key)
-    w_aligned = stream.read(aligned, plan.weight_key)
-    v = alignment_matrix(w_base, w_aligned, device)
-    if plan.transposed:
-        v = v.T
-    v_norm = float(torch.linalg.vector_norm(v))
-    if not math.isfinite(v_norm):
+def _alignment(key: str, w_base: torch.Tensor, w_aligned: torch.Tensor, transposed: bool,
+               models: tuple[Checkpoint, Checkpoint]) -> AlignmentMatrix:
+    """V for one weight; an error naming the tensor when either weight is not finite."""
+    alignment = AlignmentMatrix(w_base, w_aligned, transposed)
+    if not math.isfinite(alignment.norm()):
         # Any NaN/Inf in either weight makes ‖V‖ non-finite; only then pay for finding which.
-        _check_finite({plan.weight_key: w_base}, f"the base model {base.root}")
-        _check_finite({plan.weight_key: w_aligned}, f"the aligned model {aligned.root}")
-        raise InputError(f"W_aligned − W_base overflows float32 for {plan.weight_key}.")
-    del w_base, w_aligned
-    result = analyze_with_v(v, v_norm, lora_a, lora_b, config.projection)
-    if result.projected_b is not None:
-        # Keep C·B in the adapter's own dtype on the host: never more memory than the adapter.
-        result = replace(result, projected_b=result.projected_b.to("cpu", lora_b.dtype).contiguous())
-    return result
+        for model, weight in zip(models, (w_base, w_aligned), strict=True):
+            _check_finite({key: weight}, f"the {model.label} model {model.root}")
+        raise InputError(f"W_aligned − W_base overflows float32 for {key}.")
+    return alignment
+
+
+@dataclass
+class _Job:
+    """One adapter's share of the pass: its plans (layer order) and, as the pass goes, their results."""
+
+    config: RunConfig
+    adapter: Adapter
+    plans: list[LayerPlan]
+    maths: dict[int, LayerMath] = field(default_factory=dict)
+
+    def plans_for(self, key: str) -> list[tuple[int, LayerPlan]]:
+        # Several modules can share a weight (tied embeddings), so this is a list.
+        return [(i, p) for i, p in enumerate(self.plans) if p.weight_key == key]
+
+
+def _analyze_weight(key: str, w_base: torch.Tensor, w_aligned: torch.Tensor, jobs: list[_Job],
+                    models: tuple[Checkpoint, Checkpoint], settings: ProjectionSettings) -> None:
+    """Every adapter's layers on one weight: V and its projection once, the B's side by side."""
+    targets = [(job, i, plan) for job in jobs for i, plan in job.plans_for(key)]
+    for transposed in sorted({plan.transposed for _, _, plan in targets}):
+        group = [t for t in targets if t[2].transposed == transposed]
+        projector = make_projector(_alignment(key, w_base, w_aligned, transposed, models), settings)
+        bs = [job.adapter.tensors[plan.b_key].to(w_base.device, torch.float32) for job, _, plan in group]
+        cbs: list[torch.Tensor | None] = [None] * len(group)
+        if projector.project is not None:
+            cbs = list(projector.project(bs))
+        for (job, i, plan), cb in zip(group, cbs, strict=True):
+            lora_a, lora_b = job.adapter.tensors[plan.a_key], job.adapter.tensors[plan.b_key]
+            math_ = layer_math(projector, lora_a, lora_b, cb)
+            if math_.projected_b is not None:
+                # Keep C·B in the adapter's own dtype on the host: never more memory than the adapter.
+                math_ = replace(math_, projected_b=math_.projected_b.to("cpu", lora_b.dtype).contiguous())
+            job.maths[i] = math_
+
+
+def _load_jobs(configs: list[RunConfig]) -> tuple[list[_Job], Checkpoint, Checkpoint]:
+    first = configs[0]
+    for other in configs[1:]:
+        if (other.base, other.aligned, other.projection, other.device) != (first.base, first.aligned,
+                                                                           first.projection, first.device):
+            raise UsageError("Adapters patched in one run must share --base, --aligned and the settings.")
+    adapters = [load_adapter(resolve_local(c.adapter, "adapter"), c.adapter_name) for c in configs]
+    base = open_checkpoint(resolve_local(first.base, "base"), "base")
+    aligned = open_checkpoint(resolve_local(first.aligned, "aligned"), "aligned")
+    jobs = []
+    for config, adapter in zip(configs, adapters, strict=True):
+        plans = pair_layers(adapter, base, aligned, parse_key_map(config.key_map))
+        for plan in plans:
+            _check_finite({plan.a_key: adapter.tensors[plan.a_key], plan.b_key: adapter.tensors[plan.b_key]},
+                          f"the adapter {adapter.path}")
+        jobs.append(_Job(config, adapter, plans))
+    return jobs, base, aligned
+
+
+def analyze_many(configs: list[RunConfig], on_layer: OnLayer | None = None) -> list[Analysis]:
+    """Analyse several adapters of the same base/aligned pair in one pass over the weights."""
+    jobs, base, aligned = _load_jobs(configs)
+    device = resolve_device(configs[0].device)
+    keys = disk_order(sorted({p.weight_key for job in jobs for p in job.plans}), base)
+    with Prefetcher(keys, base, aligned, device) as fetched:
+        for done, item in enumerate(fetched, start=1):
+            _analyze_weight(item.key, *item.wait(), jobs, (base, aligned), configs[0].projection)
+            if on_layer is not None:
+                on_layer(done, len(keys))
+    return [_finish(job, base, aligned, str(device)) for job in jobs]
+
+
+def _finish(job: _Job, base: Checkpoint, aligned: Checkpoint, device: str) -> Analysis:
+    """Select layers (in layer order, which breaks top-K ties) and collect the patched B's."""
+    plans = job.plans
+    maths = [job.maths[i] for i in range(len(plans))]
+    flags = select([m.cosine for m in maths], job.config.selection)
+    layers = [LayerResult(p, m, f) for p, m, f in zip(plans, maths, flags, strict=True)]
+    patched = {r.plan.b_key: r.math.projected_b for r in layers if r.selected and r.math.projected_b is not None}
+    projected = [(r.plan, patched[r.plan.b_key]) for r in layers if r.plan.b_key in patched]
+    patched.update(recompute_magnitudes(projected, job.adapter.tensors, aligned, torch.device(device)))
+    return Analysis(job.config, job.adapter, base, aligned, device, layers, patched)
 
 
 def analyze(config: RunConfig, on_layer: OnLayer | None = None) -> Analysis:
     """Compute every adapted layer's similarity and the patched B of the selected ones."""
-    adapter = load_adapter(resolve_local(config.adapter, "adapter"))
-    base = open_checkpoint(resolve_local(config.base, "base"), "base")
-    aligned = open_checkpoint(resolve_local(config.aligned, "aligned"), "aligned")
-    plans = pair_layers(adapter, base, aligned)
-    device = resolve_device(config.device)
-    # Read in on-disk order (shard by shard) so each shard is opened once; report in layer order.
-    read_order = sorted(range(len(plans)), key=lambda i: str(base.tensors[plans[i].weight_key].file))
-    maths: dict[int, LayerMath] = {}
-    inputs = _Inputs(adapter, base, aligned)
-    with TensorStream() as stream:
-        for done, i in enumerate(read_order, start=1):
-            maths[i] = _analyze_one(plans[i], inputs, stream, config, device)
-            if on_layer is not None:
-                on_layer(done, len(plans))
-    ordered = [maths[i] for i in range(len(plans))]
-    flags = select([m.cosine for m in ordered], config.selection)
-    layers = [LayerResult(p, m, f) for p, m, f in zip(plans, ordered, flags, strict=True)]
-    patched = {r.plan.b_key: r.math.projected_b for r in layers if r.selected and r.math.projected_b is not None}
-    return Analysis(config, adapter, base, aligned, str(device), layers, patched)
+    return analyze_many([config], on_layer)[0]
+
+
+def patch_many(configs: list[RunConfig], on_layer: OnLayer | None = None) -> list[Analysis]:
+    """Analyse, then write each patched adapter and its report to its `config.out` atomically."""
+    from safelora_cli.report import build_report
+    from safelora_cli.writer import check_output_target, write_patched_adapter
+
+    outs = [Path(c.out) for c in configs if c.out is not None]
+    if len(outs) != len(configs) or len({o.resolve() for o in outs}) != len(outs):
+        raise UsageError("Each adapter needs its own output directory.")
+    for config, out in zip(configs, outs, strict=True):
+        check_output_target(out, Path(config.adapter), config.force)
+    analyses = analyze_many(configs, on_layer)
+    for analysis in analyses:
+        write_patched_adapter(analysis, build_report(analysis, command="patch"))
+    return analyses
 
 
 def patch(config: RunConfig, on_layer: OnLayer | None = None) -> Analysis:
     """Analyze, then write the patched adapter and its report to `config.out` atomically."""
-    from safelora_cli.report import build_report
-    from safelora_cli.writer import check_output_target, write_patched_adapter
-
-    assert config.out is not None
-    check_output_target(Path(config.out), Path(config.adapter), config.force)
-    analysis = analyze(config, on_layer)
-    write_patched_adapter(analysis, build_report(analysis, command="patch"))
-    return analysis
+    return patch_many([config], on_layer)[0]

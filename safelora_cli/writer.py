@@ -87,11 +87,15 @@ def _provenance(analysis: Analysis) -> str:
     return json.dumps(record, sort_keys=True, separators=(",", ":"))
 
 
-def _copy_other_files(src: Path, dst: Path) -> None:
+def _copy_other_files(src: Path, dst: Path, skip: Path) -> None:
+    """Copy the tree `src` into `dst`, except the file `skip` (the weights about to be rewritten)."""
     for entry in sorted(src.iterdir()):
-        if entry.name == WEIGHTS_NAME:
+        if entry == skip:
             continue
-        if entry.is_dir():
+        if entry.is_dir() and skip.is_relative_to(entry):
+            (dst / entry.name).mkdir()
+            _copy_other_files(entry, dst / entry.name, skip)
+        elif entry.is_dir():
             shutil.copytree(entry, dst / entry.name, symlinks=False)
         else:
             shutil.copy2(entry, dst / entry.name)
@@ -121,11 +125,15 @@ def write_patched_adapter(analysis: Analysis, report: dict[str, Any]) -> Path:
     except OSError as exc:
         raise _os_error(exc, out) from None
     try:
-        _copy_other_files(adapter.path, staging)
+        # A named adapter (a subfolder) is written at the same place in a copy of the whole directory.
+        root = adapter.root or adapter.path
+        weights = staging / adapter.path.relative_to(root) / WEIGHTS_NAME
+        _copy_other_files(root, staging, adapter.path / WEIGHTS_NAME)
+        # PEFT keeps one model card at the top of the directory, also for named adapters.
         _write_model_card(staging / MODEL_CARD, report)
-        write_safetensors(staging / WEIGHTS_NAME, tensors, metadata)
+        write_safetensors(weights, tensors, metadata)
         (staging / REPORT_NAME).write_text(to_json(report), encoding="utf-8")
-        _verify(staging / WEIGHTS_NAME, tensors)
+        _verify(weights, tensors)
         _replace_dir(staging, out)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)

@@ -142,7 +142,7 @@ SCENARIOS: dict[str, Callable[[Ctx], list[object]]] = {
     "adapter-half-module": lambda c: _adapter_tensors(c, lambda t: t.pop(B_KEY)) or c.patch(),
     "adapter-rank-mismatch": lambda c: _adapter_tensors(c, _set(A_KEY, lambda a: a[:-1].clone())) or c.patch(),
     "adapter-int-dtype": lambda c: _adapter_tensors(c, _set(A_KEY, lambda a: a.to(torch.int32))) or c.patch(),
-    "adapter-embedding-lora": lambda c: _adapter_tensors(c, lambda t: t.update(
+    "adapter-half-embedding": lambda c: _adapter_tensors(c, lambda t: t.update(
         {"base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(4, 64)})) or c.patch(),
     "lora-shape-vs-weight": lambda c: _adapter_tensors(c, _set(A_KEY, lambda a: torch.cat([a, a], 1))) or c.patch(),
     "inf-in-lora-b": lambda c: _adapter_tensors(c, _set(B_KEY, lambda b: b.index_fill(0, torch.tensor([1]),

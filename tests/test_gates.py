@@ -127,3 +127,21 @@ def test_inspect_fail_below(tau: str, code: int, llama_trio: Trio) -> None:
 )
 def test_exit_codes(args: list[str], code: int) -> None:
     assert run_cli(*args).exit_code == code
+
+
+def test_several_adapters_gate_each_and_share_one_markdown_file(llama_trio: Trio, tmp_path: Path) -> None:
+    import shutil
+
+    second = Path(shutil.copytree(llama_trio.adapter, tmp_path / "second"))
+    out, md, png = tmp_path / "out", tmp_path / "r.md", tmp_path / "p.png"
+    result = run_cli("patch", "--base", llama_trio.base, "--aligned", llama_trio.aligned, "--adapter",
+                     llama_trio.adapter, "--adapter", second, "--out", out, "--device", "cpu", "--top-k", "1",
+                     "--max-selected", "0", "--report-md", md, "--plot", png, "--quiet")
+    assert result.exit_code == 3
+    assert result.stderr.startswith(f"Error: Gate failed: {llama_trio.adapter}: 1 of 6 layers selected")
+    assert "(1 more gate(s) failed.)" in result.stderr
+    assert md.read_text().count("## Safe LoRA") == 2
+    assert sorted(p.name for p in tmp_path.glob("p-*.png")) == ["p-adapter.png", "p-second.png"]
+    for name in ("adapter", "second"):
+        gates = json.loads((out / name / REPORT_NAME).read_text())["gates"]
+        assert [g["passed"] for g in gates] == [False]

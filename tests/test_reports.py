@@ -193,3 +193,10 @@ def test_side_file_inside_an_input_is_refused(option: str, llama_trio: Trio, tmp
     assert result.exit_code == 1
     assert result.stderr.startswith(f"Error: {option} {llama_trio.adapter / 'x.out'} lies inside the input")
     assert tree_digest(llama_trio.adapter) == before
+
+
+@pytest.mark.parametrize(("case", "extra"), [("gpt2-conv1d", ()), ("embedding", ()), ("dora", ()),
+                                             ("two-named", ("--adapter-name", "second")), ("patterns", ())])
+def test_variant_reports_match_the_schema(case: str, extra: tuple[str, ...], variant_cases) -> None:  # type: ignore[no-untyped-def]
+    _, report = variant_cases.patched(case, *extra)
+    validate(report)
