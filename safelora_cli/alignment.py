@@ -13,8 +13,10 @@ from collections.abc import Iterator
 
 import torch
 
-# About 16 MB of float32 per block: large enough that per-block overhead is negligible.
-BLOCK_ELEMENTS = 1 << 22
+# 64 MB of float32 per block on the CPU: a 4096 × 4096 weight is one block, formed once and
+# reused by every pass; larger weights are re-formed block by block in each pass instead of
+# held whole. On a GPU memory is not the constraint, and V is always formed whole, once.
+BLOCK_ELEMENTS = 1 << 24
 
 
 class AlignmentMatrix:
@@ -31,19 +33,31 @@ class AlignmentMatrix:
                  block_elements: int = BLOCK_ELEMENTS) -> None:
         self._base, self._aligned, self.transposed = w_base, w_aligned, transposed
         rows, cols = w_base.shape
+        if w_base.device.type != "cpu":
+            block_elements = rows * cols
         self._block_rows = max(1, block_elements // max(cols, 1))
+        self._whole: torch.Tensor | None = None  # V as stored, when it is a single block
         self.shape = (cols, rows) if transposed else (rows, cols)
         self.device = w_base.device
         self._norm: float | None = None
 
+    def _form(self, rows: slice) -> torch.Tensor:
+        # copy=True: a float32 weight would otherwise be modified in place below.
+        block = self._aligned[rows].to(torch.float32, copy=True)
+        block -= self._base[rows]  # promotes the base block on the fly: no float32 copy of it
+        return block
+
     def _blocks(self) -> Iterator[tuple[slice, torch.Tensor]]:
         """(rows, float32 block) over the *stored* rows."""
-        for start in range(0, self._base.shape[0], self._block_rows):
+        stored_rows = self._base.shape[0]
+        if self._block_rows >= stored_rows:
+            if self._whole is None:
+                self._whole = self._form(slice(0, stored_rows))
+            yield slice(0, stored_rows), self._whole
+            return
+        for start in range(0, stored_rows, self._block_rows):
             rows = slice(start, start + self._block_rows)
-            # copy=True: a float32 weight would otherwise be modified in place below.
-            block = self._aligned[rows].to(torch.float32, copy=True)
-            block -= self._base[rows]  # promotes the base block on the fly: no float32 copy of it
-            yield rows, block
+            yield rows, self._form(rows)
 
     def norm(self) -> float:
         """‖V‖_F (inf or nan when a weight is not finite)."""
