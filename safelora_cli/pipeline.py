@@ -26,7 +26,7 @@ from safelora_cli.naming import parse_key_map
 from safelora_cli.pairing import LayerPlan, pair_layers
 from safelora_cli.prefetch import Prefetcher, disk_order
 from safelora_cli.projection import LayerMath, layer_math, make_projector
-from safelora_cli.selection import select
+from safelora_cli.selection import could_select, select
 from safelora_cli.sources import resolve_local
 
 OnLayer = Callable[[int, int], None]  # (modules done, modules in all)
@@ -123,8 +123,11 @@ def _analyze_weight(key: str, w_base: torch.Tensor, w_aligned: torch.Tensor, job
             lora_a, lora_b = job.adapter.tensors[plan.a_key], job.adapter.tensors[plan.b_key]
             math_ = layer_math(projector, lora_a, lora_b, cb)
             if math_.projected_b is not None:
-                # Keep C·B in the adapter's own dtype on the host: never more memory than the adapter.
-                math_ = replace(math_, projected_b=math_.projected_b.to("cpu", lora_b.dtype).contiguous())
+                # Keep C·B only where it may be used, in the adapter's own dtype on the host: never
+                # more memory than the adapter's B's.
+                kept = could_select(math_.cosine, job.config.selection)
+                math_ = replace(math_, projected_b=math_.projected_b.to("cpu", lora_b.dtype).contiguous()
+                                if kept else None)
             job.maths[i] = math_
 
 

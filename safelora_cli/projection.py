@@ -41,7 +41,8 @@ class LayerMath:
         delta_norm: ‖B·A‖_F (unscaled; multiply by the LoRA scaling for the real update).
         residual_norm: ‖ΔW − CΔW‖_F (unscaled), what projecting would remove.
         b_distance: ‖B − C·B‖_F, the official code's per-layer distance (None when V = 0).
-        projected_b: C·B in float32 on the compute device (None when nothing may be projected).
+        projected_b: C·B (None when the layer cannot be projected; the pipeline also drops it for
+            layers a threshold rule cannot select).
         subspace_rank: k of the exact projector, None for the paper's C.
     """
 

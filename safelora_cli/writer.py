@@ -23,7 +23,7 @@ from safelora_cli import __version__
 from safelora_cli.adapter import WEIGHTS_NAME
 from safelora_cli.errors import OutputError
 from safelora_cli.report import REPORT_NAME, to_json, to_markdown
-from safelora_cli.safetensors_io import read_all_tensors, write_safetensors
+from safelora_cli.safetensors_io import open_safetensors, read_tensor, write_safetensors
 
 if TYPE_CHECKING:
     from safelora_cli.pipeline import Analysis
@@ -102,13 +102,14 @@ def _copy_other_files(src: Path, dst: Path, skip: Path) -> None:
 
 
 def _verify(path: Path, expected: dict[str, torch.Tensor]) -> None:
-    """Read the written file back; any difference is a bug, not a user error."""
-    written, _ = read_all_tensors(path)
-    if written.keys() != expected.keys():
-        raise RuntimeError(f"verification failed: {path} has other keys than were written")
-    for key, tensor in expected.items():
-        if written[key].dtype != tensor.dtype or not torch.equal(written[key], tensor):
-            raise RuntimeError(f"verification failed: {key} in {path} differs from what was written")
+    """Read the written file back, a tensor at a time; any difference is a bug, not a user error."""
+    with open_safetensors(path) as handle:
+        if set(handle.keys()) != expected.keys():
+            raise RuntimeError(f"verification failed: {path} has other keys than were written")
+        for key, tensor in expected.items():
+            written = read_tensor(handle, key, path)
+            if written.dtype != tensor.dtype or not torch.equal(written, tensor):
+                raise RuntimeError(f"verification failed: {key} in {path} differs from what was written")
 
 
 def write_patched_adapter(analysis: Analysis, report: dict[str, Any]) -> Path:
