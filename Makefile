@@ -25,7 +25,8 @@ lint: install
 	$(BIN)/mypy safelora_cli
 
 demo: install
-	$(BIN)/python -m safelora_cli.demo demo
+	rm -rf demo
+	$(BIN)/safelora demo demo
 	$(BIN)/safelora patch --base demo/base --aligned demo/aligned --adapter demo/adapter --out demo/patched --force
 	$(BIN)/safelora inspect --base demo/base --aligned demo/aligned --adapter demo/adapter
 

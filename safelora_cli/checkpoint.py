@@ -29,7 +29,8 @@ PICKLE_INDEX_FILE = "pytorch_model.bin.index.json"
 CONFIG_FILE = "config.json"
 # Preference order when several layouts are present (safetensors first, like transformers).
 LAYOUTS = (INDEX_FILE, SINGLE_FILE, PICKLE_INDEX_FILE, PICKLE_FILE)
-_QUANTIZED_DTYPES = {"I8", "U8", "I4", "U4", "F8_E4M3", "F8_E5M2", "I32"}
+# W must be a float tensor; anything else (int8/fp8/packed ints of quantized checkpoints, BOOL) is refused.
+_WEIGHT_DTYPES = {"F64", "F32", "F16", "BF16"}
 # Tensors that sit beside (or instead of) `<module>.weight` in quantized layouts:
 # GPTQ/AWQ, FP8 (weight_scale[_inv]), compressed-tensors, bitsandbytes 8-bit and 4-bit.
 _QUANTIZED_SIBLINGS = ("qweight", "qzeros", "scales", "g_idx", "weight_scale", "weight_scale_inv",
@@ -171,13 +172,13 @@ def refuse_quantized(checkpoint: Checkpoint, key: str) -> None:
     instead of `weight`), so the user hears "quantized" rather than "not found".
 
     Raises:
-        UnsupportedError: when `key` has an integer/FP8 dtype, sits beside quantization tensors
+        UnsupportedError: when `key` is not a float tensor (integer/FP8 packing), sits beside quantization tensors
             (scales, zero points, bitsandbytes state), or config.json declares a quantization.
     """
     info = checkpoint.tensors.get(key)
     module = key.removesuffix(".weight")
     siblings = [f"{module}.{name}" for name in _QUANTIZED_SIBLINGS if f"{module}.{name}" in checkpoint.listed]
-    if info is not None and info.dtype in _QUANTIZED_DTYPES:
+    if info is not None and info.dtype not in _WEIGHT_DTYPES:
         found = f"stores {key} as {info.dtype}"
     elif siblings:
         found = f"stores {module} as quantized tensors ({format_keys(siblings, 3)})"

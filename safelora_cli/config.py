@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from safelora_cli.errors import UsageError
+from safelora_cli.gates import Gates
+from safelora_cli.naming import parse_key_map
 
 DEFAULT_THRESHOLD = 0.5
 
@@ -85,11 +87,19 @@ class RunConfig:
     device: str = "auto"
     out: Path | None = None
     force: bool = False
+    gates: Gates = field(default_factory=Gates)
+    # PEFT's subfolder name of one of several adapters saved together (None: the top-level one).
+    adapter_name: str | None = None
+    # `REGEX=REPLACEMENT` rules applied to adapter module names before checkpoint lookup.
+    key_map: tuple[str, ...] = ()
     # Hub revisions (branch, tag or commit) and token; None: default branch, HF_TOKEN / saved login.
     base_revision: str | None = None
     aligned_revision: str | None = None
     adapter_revision: str | None = None
     token: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        parse_key_map(self.key_map)  # refuse a malformed rule before reading anything
 
     def settings_record(self) -> dict[str, Any]:
         """The settings as plain JSON values, for the report and the provenance metadata."""
@@ -99,4 +109,9 @@ class RunConfig:
         else:
             selection["top_k"] = self.selection.top_k  # type: ignore[assignment]
         projection = {k: (v.value if isinstance(v, Enum) else v) for k, v in asdict(self.projection).items()}
-        return {"selection": selection, "projection": projection, "device": self.device}
+        record = {"selection": selection, "projection": projection, "device": self.device}
+        if self.adapter_name is not None:
+            record["adapter_name"] = self.adapter_name
+        if self.key_map:
+            record["key_map"] = list(self.key_map)
+        return record

@@ -25,10 +25,19 @@ def stdout() -> Console:
     return Console(file=sys.stdout, highlight=False)
 
 
+def one_line(text: str) -> str:
+    """`text` with line breaks and other control characters escaped (`\\n`, `\\x1e`).
+
+    Messages quote file names and library errors, which can hold any character; CI logs and
+    callers that read stderr rely on an error being exactly one line.
+    """
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def error(message: str, hint: str | None = None) -> None:
     """One line on stderr: what is wrong, then what to do about it."""
     stderr.print("[bold red]Error:[/] ", end="", markup=True)
-    stderr.print(f"{message} {hint}" if hint else message, markup=False, highlight=False, soft_wrap=True)
+    stderr.print(one_line(f"{message} {hint}" if hint else message), markup=False, highlight=False, soft_wrap=True)
 
 
 def info(message: str) -> None:
@@ -51,14 +60,17 @@ def layer_progress(enabled: bool) -> Iterator[Callable[[int, int], None]]:
 
 
 def layer_table(report: dict[str, Any], sort: str, title: str | None = None) -> Table:
+    rows = sorted_layers(report, sort)
+    names = [_short_name(row) for row in rows]
     table = Table(title=title, title_justify="left")
-    for name, justify in (("module", "left"), ("layer", "right"), ("r", "right"), ("cosine", "right"),
-                          ("selected", "center"), ("‖V‖", "right"), ("‖ΔW‖", "right"), ("‖ΔW−CΔW‖", "right")):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
-    for row in sorted_layers(report, sort):
+    # The module column never truncates; the numeric columns are short and give way first.
+    table.add_column("module", no_wrap=True, min_width=max(map(len, names), default=6))
+    for name in ("layer", "r", "cosine", "select", "‖V‖", "‖ΔW‖", "‖ΔW−CΔW‖"):
+        table.add_column(name, justify="center" if name == "select" else "right")
+    for name, row in zip(names, rows, strict=True):
         cosine = fmt(row["cosine"]) if row["cosine"] is not None else "undefined"
         mark = "[bold green]✓[/]" if row["selected"] else ""
-        table.add_row(_short_name(row), fmt(row["layer_index"]), str(row["rank"]), cosine, mark,
+        table.add_row(name, fmt(row["layer_index"]), str(row["rank"]), cosine, mark,
                       fmt(row["v_norm"]), fmt(row["delta_norm"]), fmt(row["residual_norm"]))
     return table
 

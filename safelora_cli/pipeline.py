@@ -1,27 +1,35 @@
 """The stages in order: resolve inputs → index → pair → stream and compute → select → write.
 
-This is the only module that knows the order. Each stage lives in its own module.
+This is the only module that knows the order. Each stage lives in its own module. Several
+adapters on the same base/aligned pair share one pass over the weights: each module's W_base
+and W_aligned are read once, V and its projection are formed once, and every adapter that
+targets the module is analysed from them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from safelora_cli.adapter import Adapter, load_adapter
-from safelora_cli.checkpoint import Checkpoint, TensorStream
-from safelora_cli.config import RunConfig
-from safelora_cli.errors import InputError, SafeLoraError
+from safelora_cli.alignment import AlignmentMatrix
+from safelora_cli.checkpoint import Checkpoint
+from safelora_cli.config import ProjectionSettings, RunConfig
+from safelora_cli.dora import recompute_magnitudes
+from safelora_cli.errors import InputError, SafeLoraError, UsageError
+from safelora_cli.naming import KeyRule, parse_key_map
 from safelora_cli.pairing import LayerPlan, needed_weight_keys, pair_layers
-from safelora_cli.projection import LayerMath, alignment_matrix, analyze_with_v
-from safelora_cli.selection import select
+from safelora_cli.prefetch import Prefetcher, disk_order
+from safelora_cli.projection import LayerMath, layer_math, make_projector
+from safelora_cli.selection import could_select, select
 from safelora_cli.sources import Origin, aligned_from_adapter, resolve_adapter, resolve_model
 
-OnLayer = Callable[[int, int], None]  # (layers done, layers in all)
+OnLayer = Callable[[int, int], None]  # (modules done, modules in all)
 
 
 @dataclass(frozen=True)
@@ -33,7 +41,11 @@ class LayerResult:
 
 @dataclass(frozen=True)
 class Analysis:
-    """Everything a report or a writer needs; `patched_b` maps lora_B keys of selected layers."""
+    """Everything a report or a writer needs.
+
+    `patched_b` maps adapter keys to their replacements: lora_B of the selected layers, and the
+    recomputed DoRA magnitude vectors of those layers (see `dora`).
+    """
 
     config: RunConfig
     adapter: Adapter
@@ -71,83 +83,170 @@ def _check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
                              hint="The file is corrupted or the training diverged; use a clean copy.")
 
 
-@dataclass(frozen=True)
-class _Inputs:
-    adapter: Adapter
-    base: Checkpoint
-    aligned: Checkpoint
-
-
-def _analyze_one(plan: LayerPlan, inputs: _Inputs, stream: TensorStream, config: RunConfig,
-                 device: torch.device) -> LayerMath:
-    adapter, base, aligned = inputs.adapter, inputs.base, inputs.aligned
-    lora_a, lora_b = adapter.tensors[plan.a_key], adapter.tensors[plan.b_key]
-    _check_finite({plan.a_key: lora_a, plan.b_key: lora_b}, f"the adapter {adapter.path}")
-    w_base = stream.read(base, plan.weight_key)
-    w_aligned = stream.read(aligned, plan.weight_key)
-    v = alignment_matrix(w_base, w_aligned, device)
-    if plan.transposed:
-        v = v.T
-    v_norm = float(torch.linalg.vector_norm(v))
-    if not math.isfinite(v_norm):
+def _alignment(key: str, w_base: torch.Tensor, w_aligned: torch.Tensor, transposed: bool,
+               models: tuple[Checkpoint, Checkpoint]) -> AlignmentMatrix:
+    """V for one weight; an error naming the tensor when either weight is not finite."""
+    alignment = AlignmentMatrix(w_base, w_aligned, transposed)
+    if not math.isfinite(alignment.norm()):
         # Any NaN/Inf in either weight makes ‖V‖ non-finite; only then pay for finding which.
-        _check_finite({plan.weight_key: w_base}, f"the base model {base.root}")
-        _check_finite({plan.weight_key: w_aligned}, f"the aligned model {aligned.root}")
-        raise InputError(f"W_aligned − W_base overflows float32 for {plan.weight_key}.")
-    del w_base, w_aligned
-    result = analyze_with_v(v, v_norm, lora_a, lora_b, config.projection)
-    if result.projected_b is not None:
-        # Keep C·B in the adapter's own dtype on the host: never more memory than the adapter.
-        result = replace(result, projected_b=result.projected_b.to("cpu", lora_b.dtype).contiguous())
-    return result
+        for model, weight in zip(models, (w_base, w_aligned), strict=True):
+            _check_finite({key: weight}, f"the {model.label} model {model.root}")
+        raise InputError(f"W_aligned − W_base overflows float32 for {key}.")
+    return alignment
 
 
-def _resolve_inputs(config: RunConfig) -> tuple[RunConfig, _Inputs, dict[str, Origin]]:
-    """Adapter first: its modules say which tensors (hence which shards) the models must supply.
+@dataclass
+class _Job:
+    """One adapter's share of the pass: its plans (layer order) and, as the pass goes, their results."""
 
-    Returns the config with `aligned` filled in when it came from the adapter's config.
+    config: RunConfig
+    adapter: Adapter
+    plans: list[LayerPlan]
+    origins: dict[str, Origin] = field(default_factory=dict)
+    maths: dict[int, LayerMath] = field(default_factory=dict)
+
+    def plans_for(self, key: str) -> list[tuple[int, LayerPlan]]:
+        # Several modules can share a weight (tied embeddings), so this is a list.
+        return [(i, p) for i, p in enumerate(self.plans) if p.weight_key == key]
+
+
+def _analyze_weight(key: str, w_base: torch.Tensor, w_aligned: torch.Tensor, jobs: list[_Job],
+                    models: tuple[Checkpoint, Checkpoint], settings: ProjectionSettings) -> None:
+    """Every adapter's layers on one weight: V and its projection once, the B's side by side."""
+    targets = [(job, i, plan) for job in jobs for i, plan in job.plans_for(key)]
+    for transposed in sorted({plan.transposed for _, _, plan in targets}):
+        group = [t for t in targets if t[2].transposed == transposed]
+        projector = make_projector(_alignment(key, w_base, w_aligned, transposed, models), settings)
+        bs = [job.adapter.tensors[plan.b_key].to(w_base.device, torch.float32) for job, _, plan in group]
+        cbs: list[torch.Tensor | None] = [None] * len(group)
+        if projector.project is not None:
+            cbs = list(projector.project(bs))
+        for (job, i, plan), cb in zip(group, cbs, strict=True):
+            lora_a, lora_b = job.adapter.tensors[plan.a_key], job.adapter.tensors[plan.b_key]
+            math_ = layer_math(projector, lora_a, lora_b, cb)
+            if math_.projected_b is not None:
+                # Keep C·B only where it may be used, in the adapter's own dtype on the host: never
+                # more memory than the adapter's B's.
+                kept = could_select(math_.cosine, job.config.selection)
+                math_ = replace(math_, projected_b=math_.projected_b.to("cpu", lora_b.dtype).contiguous()
+                                if kept else None)
+            job.maths[i] = math_
+
+
+def _shared(config: RunConfig) -> tuple[object, ...]:
+    return (config.base, config.aligned, config.base_revision, config.aligned_revision, config.projection,
+            config.device)
+
+
+def _aligned_spec(configs: list[RunConfig], adapters: list[Adapter]) -> tuple[str, str | None]:
+    """--aligned, or else the model the adapters' configs name (all of them the same one)."""
+    first = configs[0]
+    if first.aligned is not None:
+        return first.aligned, first.aligned_revision
+    named = {aligned_from_adapter(a.raw_config, a.path, first.aligned_revision) for a in adapters}
+    if len(named) > 1:
+        raise UsageError(f"--aligned was not given and the adapters name different models: "
+                         f"{', '.join(sorted(f'{n}@{r}' if r else n for n, r in named))}.",
+                         hint="Pass --aligned, or patch them in separate runs.")
+    return named.pop()
+
+
+def _load_jobs(configs: list[RunConfig]) -> tuple[list[_Job], Checkpoint, Checkpoint]:
+    """Adapters first: their modules say which tensors (so which shards) the models must supply."""
+    first = configs[0]
+    if any(_shared(other) != _shared(first) for other in configs[1:]):
+        raise UsageError("Adapters patched in one run must share --base, --aligned and the settings.")
+    adapter_origins = [resolve_adapter(c.adapter, c.adapter_revision, c.token) for c in configs]
+    adapters = [load_adapter(o.path, c.adapter_name) for o, c in zip(adapter_origins, configs, strict=True)]
+    aligned_spec, aligned_revision = _aligned_spec(configs, adapters)
+    key_maps = [parse_key_map(c.key_map) for c in configs]
+
+    def needed(listed: Collection[str]) -> set[str]:
+        return set().union(*(needed_weight_keys(a, k, listed) for a, k in zip(adapters, key_maps, strict=True)))
+
+    base, base_origin = resolve_model(first.base, first.base_revision, first.token, "base", needed)
+    aligned, aligned_origin = resolve_model(aligned_spec, aligned_revision, first.token, "aligned", needed)
+    aligned_origin = replace(aligned_origin, from_adapter_config=first.aligned is None)
+    jobs = []
+    for config, adapter, key_map, origin in zip(configs, adapters, key_maps, adapter_origins, strict=True):
+        plans = _pair(adapter, base, aligned, key_map)
+        origins = {"base": base_origin, "aligned": aligned_origin, "adapter": origin}
+        jobs.append(_Job(replace(config, aligned=aligned_spec), adapter, plans, origins))
+    return jobs, base, aligned
+
+
+def _pair(adapter: Adapter, base: Checkpoint, aligned: Checkpoint, key_map: tuple[KeyRule, ...]) -> list[LayerPlan]:
+    plans = pair_layers(adapter, base, aligned, key_map)
+    for plan in plans:
+        _check_finite({plan.a_key: adapter.tensors[plan.a_key], plan.b_key: adapter.tensors[plan.b_key]},
+                      f"the adapter {adapter.path}")
+    return plans
+
+
+@contextlib.contextmanager
+def _leave_a_core_for_the_reader(device: torch.device) -> Iterator[None]:
+    """On the CPU, compute with one thread fewer than torch would use, for the reader thread.
+
+    Without this, torch's threads and the reader contend for the same cores and each parallel
+    operation waits for its slowest thread: on 2 cores the pass took twice as long.
     """
-    adapter_origin = resolve_adapter(config.adapter, config.adapter_revision, config.token)
-    adapter = load_adapter(adapter_origin.path)
-    aligned_spec, aligned_revision = config.aligned, config.aligned_revision
-    if aligned_spec is None:
-        aligned_spec, aligned_revision = aligned_from_adapter(adapter.raw_config, adapter.path, aligned_revision)
-    needed = needed_weight_keys(adapter)
-    base, base_origin = resolve_model(config.base, config.base_revision, config.token, "base", needed)
-    aligned, aligned_origin = resolve_model(aligned_spec, aligned_revision, config.token, "aligned", needed)
-    origins = {"base": base_origin, "aligned": replace(aligned_origin, from_adapter_config=config.aligned is None),
-               "adapter": adapter_origin}
-    return replace(config, aligned=aligned_spec), _Inputs(adapter, base, aligned), origins
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads < 2:
+        yield
+        return
+    torch.set_num_threads(threads - 1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def analyze_many(configs: list[RunConfig], on_layer: OnLayer | None = None) -> list[Analysis]:
+    """Analyse several adapters of the same base/aligned pair in one pass over the weights."""
+    jobs, base, aligned = _load_jobs(configs)
+    device = resolve_device(configs[0].device)
+    keys = disk_order(sorted({p.weight_key for job in jobs for p in job.plans}), base)
+    with _leave_a_core_for_the_reader(device), Prefetcher(keys, base, aligned, device) as fetched:
+        for done, item in enumerate(fetched, start=1):
+            _analyze_weight(item.key, *item.wait(), jobs, (base, aligned), configs[0].projection)
+            if on_layer is not None:
+                on_layer(done, len(keys))
+    return [_finish(job, base, aligned, str(device)) for job in jobs]
+
+
+def _finish(job: _Job, base: Checkpoint, aligned: Checkpoint, device: str) -> Analysis:
+    """Select layers (in layer order, which breaks top-K ties) and collect the patched B's."""
+    plans = job.plans
+    maths = [job.maths[i] for i in range(len(plans))]
+    flags = select([m.cosine for m in maths], job.config.selection)
+    layers = [LayerResult(p, m, f) for p, m, f in zip(plans, maths, flags, strict=True)]
+    patched = {r.plan.b_key: r.math.projected_b for r in layers if r.selected and r.math.projected_b is not None}
+    projected = [(r.plan, patched[r.plan.b_key]) for r in layers if r.plan.b_key in patched]
+    patched.update(recompute_magnitudes(projected, job.adapter.tensors, aligned, torch.device(device)))
+    return Analysis(job.config, job.adapter, base, aligned, device, layers, patched, job.origins)
 
 
 def analyze(config: RunConfig, on_layer: OnLayer | None = None) -> Analysis:
     """Compute every adapted layer's similarity and the patched B of the selected ones."""
-    config, inputs, origins = _resolve_inputs(config)
-    adapter, base, aligned = inputs.adapter, inputs.base, inputs.aligned
-    plans = pair_layers(adapter, base, aligned)
-    device = resolve_device(config.device)
-    # Read in on-disk order (shard by shard) so each shard is opened once; report in layer order.
-    read_order = sorted(range(len(plans)), key=lambda i: str(base.tensors[plans[i].weight_key].file))
-    maths: dict[int, LayerMath] = {}
-    with TensorStream() as stream:
-        for done, i in enumerate(read_order, start=1):
-            maths[i] = _analyze_one(plans[i], inputs, stream, config, device)
-            if on_layer is not None:
-                on_layer(done, len(plans))
-    ordered = [maths[i] for i in range(len(plans))]
-    flags = select([m.cosine for m in ordered], config.selection)
-    layers = [LayerResult(p, m, f) for p, m, f in zip(plans, ordered, flags, strict=True)]
-    patched = {r.plan.b_key: r.math.projected_b for r in layers if r.selected and r.math.projected_b is not None}
-    return Analysis(config, adapter, base, aligned, str(device), layers, patched, origins)
+    return analyze_many([config], on_layer)[0]
+
+
+def patch_many(configs: list[RunConfig], on_layer: OnLayer | None = None) -> list[Analysis]:
+    """Analyse, then write each patched adapter and its report to its `config.out` atomically."""
+    from safelora_cli.report import build_report
+    from safelora_cli.writer import check_output_target, write_patched_adapter
+
+    outs = [Path(c.out) for c in configs if c.out is not None]
+    if len(outs) != len(configs) or len({o.resolve() for o in outs}) != len(outs):
+        raise UsageError("Each adapter needs its own output directory.")
+    for config, out in zip(configs, outs, strict=True):
+        check_output_target(out, Path(config.adapter), config.force)
+    analyses = analyze_many(configs, on_layer)
+    for analysis in analyses:
+        write_patched_adapter(analysis, build_report(analysis, command="patch"))
+    return analyses
 
 
 def patch(config: RunConfig, on_layer: OnLayer | None = None) -> Analysis:
     """Analyze, then write the patched adapter and its report to `config.out` atomically."""
-    from safelora_cli.report import build_report
-    from safelora_cli.writer import check_output_target, write_patched_adapter
-
-    assert config.out is not None
-    check_output_target(Path(config.out), Path(config.adapter), config.force)
-    analysis = analyze(config, on_layer)
-    write_patched_adapter(analysis, build_report(analysis, command="patch"))
-    return analysis
+    return patch_many([config], on_layer)[0]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from safelora_cli.alignment import AlignmentMatrix
 from safelora_cli.config import Projection, ProjectionSettings, SvdMethod
 
 # ΔW counts as zero when ‖B·A‖² is at rounding level of ‖B‖²·‖A‖² (float32 inputs).
@@ -25,7 +26,8 @@ _RSVD_NITER = 4
 UNDEFINED_V_ZERO = "aligned equals base in this layer (V = 0): no alignment signal"
 UNDEFINED_DW_ZERO = "the LoRA update is zero (B·A = 0): nothing to project"
 
-Projector = Callable[[torch.Tensor], torch.Tensor]
+# Maps the B's (out, r_i) of one or more adapters on a layer to their projections.
+Projector = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,8 @@ class LayerMath:
         delta_norm: ‖B·A‖_F (unscaled; multiply by the LoRA scaling for the real update).
         residual_norm: ‖ΔW − CΔW‖_F (unscaled), what projecting would remove.
         b_distance: ‖B − C·B‖_F, the official code's per-layer distance (None when V = 0).
-        projected_b: C·B in float32 on the compute device (None when nothing may be projected).
+        projected_b: C·B (None when the layer cannot be projected; the pipeline also drops it for
+            layers a threshold rule cannot select).
         subspace_rank: k of the exact projector, None for the paper's C.
     """
 
@@ -51,16 +54,6 @@ class LayerMath:
     b_distance: float | None
     projected_b: torch.Tensor | None
     subspace_rank: int | None = None
-
-
-def alignment_matrix(w_base: torch.Tensor, w_aligned: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """V = W_aligned − W_base in float32 on `device`. Shapes must already match."""
-    return w_aligned.to(device=device, dtype=torch.float32) - w_base.to(device=device, dtype=torch.float32)
-
-
-def paper_projector(v: torch.Tensor, v_norm: float) -> Projector:
-    """B ↦ C·B with C = V·Vᵀ/‖V‖_F, never forming C."""
-    return lambda b: v @ (v.T @ b) / v_norm
 
 
 def subspace_basis(v: torch.Tensor, settings: ProjectionSettings) -> torch.Tensor:
@@ -103,7 +96,7 @@ def analyze_layer(
     settings: ProjectionSettings,
     device: torch.device,
 ) -> LayerMath:
-    """Cosine, norms and the projected B of one layer.
+    """Cosine, norms and the projected B of one layer (the whole method for one layer).
 
     Args:
         w_base: (out, in) base weight.
@@ -116,31 +109,51 @@ def analyze_layer(
     Returns:
         A `LayerMath`; degenerate layers get `cosine=None` and a reason, never NaN.
     """
-    v = alignment_matrix(w_base, w_aligned, device)
-    v_norm = float(torch.linalg.vector_norm(v))
-    return analyze_with_v(v, v_norm, lora_a, lora_b, settings)
+    alignment = AlignmentMatrix(w_base.to(device), w_aligned.to(device))
+    projector = make_projector(alignment, settings)
+    b = lora_b.to(device=device, dtype=torch.float32)
+    cb = projector.project([b])[0] if projector.project is not None else None
+    return layer_math(projector, lora_a, lora_b, cb)
 
 
-def analyze_with_v(
-    v: torch.Tensor, v_norm: float, lora_a: torch.Tensor, lora_b: torch.Tensor, settings: ProjectionSettings
+@dataclass(frozen=True)
+class LayerProjector:
+    """What one layer's V contributes, computed once and shared by every adapter on that layer.
+
+    `project` maps a list of B's (out, r) float32 to their C·B (or P_k·B); it is None when V = 0.
+    Giving it the B's of several adapters at once pays for the passes over V once.
+    """
+
+    v_norm: float
+    project: Projector | None
+    subspace_rank: int | None = None
+
+
+def make_projector(alignment: AlignmentMatrix, settings: ProjectionSettings) -> LayerProjector:
+    """The projection of `settings` for one layer's V."""
+    v_norm = alignment.norm()
+    if v_norm == 0.0:
+        return LayerProjector(0.0, None)
+    if settings.kind is Projection.APPROX:
+        return LayerProjector(v_norm, alignment.paper_project)
+    u = subspace_basis(alignment.dense(), settings)
+    return LayerProjector(v_norm, lambda bs: [u @ (u.T @ b) for b in bs], u.shape[1])
+
+
+def layer_math(
+    projector: LayerProjector, lora_a: torch.Tensor, lora_b: torch.Tensor, cb: torch.Tensor | None
 ) -> LayerMath:
-    """`analyze_layer` once V (float32, on the compute device) and ‖V‖_F are known."""
-    b = lora_b.to(device=v.device, dtype=torch.float32)
-    a64 = lora_a.to(device=v.device, dtype=torch.float64)
+    """Cosine and norms for one adapter's A (r, in), B (out, r), given C·B (None when V = 0)."""
+    device = cb.device if cb is not None else lora_b.device
+    a64 = lora_a.to(device=device, dtype=torch.float64)
     gram = a64 @ a64.T
-    b64 = b.double()
+    b64 = lora_b.to(device=device, dtype=torch.float64)
     dw_sq = _gram_inner(b64, b64, gram)
     delta_norm = math.sqrt(max(dw_sq, 0.0))
-    if v_norm == 0.0:
+    if cb is None:
         return LayerMath(None, UNDEFINED_V_ZERO, 0.0, delta_norm, 0.0, None, None)
 
-    subspace_rank = None
-    if settings.kind is Projection.APPROX:
-        cb = paper_projector(v, v_norm)(b)
-    else:
-        u = subspace_basis(v, settings)
-        subspace_rank = u.shape[1]
-        cb = u @ (u.T @ b)
+    v_norm, subspace_rank = projector.v_norm, projector.subspace_rank
     cb64 = cb.double()
     b_distance = float(torch.linalg.vector_norm(b64 - cb64))
     scale = float((b64**2).sum()) * float((a64**2).sum())

@@ -1,7 +1,8 @@
 """The similarity report: one versioned JSON document, and its CSV / Markdown renderings.
 
-Schema (version 1) is documented in docs/report-schema.md; `SCHEMA_VERSION` changes on any
-incompatible edit. Norms are of the weight update as PEFT applies it (LoRA scaling included).
+Schema (version 1) is documented in docs/report-schema.md and shipped as a JSON Schema
+(report_schema.json, see `json_schema`); `SCHEMA_VERSION` changes on any incompatible edit.
+Norms are of the weight update as PEFT applies it (LoRA scaling included).
 """
 
 from __future__ import annotations
@@ -11,15 +12,18 @@ import io
 import json
 import statistics
 import sys
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from safelora_cli import __version__
+from safelora_cli.gates import GateResult, evaluate
 
 if TYPE_CHECKING:
     from safelora_cli.pipeline import Analysis, LayerResult
 
 SCHEMA_VERSION = 1
 REPORT_NAME = "safelora_report.json"
+SCHEMA_FILE = "report_schema.json"  # JSON Schema of the report, shipped as package data
 SORT_KEYS = ("layer", "cosine", "module")
 _COLUMNS = ("module", "layer_index", "rank", "cosine", "selected", "v_norm", "delta_norm", "residual_norm")
 
@@ -90,11 +94,31 @@ def build_report(analysis: Analysis, command: str) -> dict[str, Any]:
         "summary": _summary(analysis.layers),
         "layers": [_layer_record(r) for r in analysis.layers],
         "untouched_tensors": analysis.adapter.other_keys,
+        "gates": [asdict(g) for g in _gates(analysis)],
     }
 
 
+def _gates(analysis: Analysis) -> list[GateResult]:
+    layers = analysis.layers
+    return evaluate(analysis.config.gates, [r.math.cosine for r in layers], [r.selected for r in layers],
+                    [r.plan.module for r in layers])
+
+
+def failed_gates(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The gates of a report that did not pass (empty when none failed or none were set)."""
+    return [g for g in report.get("gates", []) if not g["passed"]]
+
+
+def json_schema() -> dict[str, Any]:
+    """The report's JSON Schema (draft 2020-12), as shipped in the package."""
+    from importlib import resources
+
+    return json.loads(resources.files("safelora_cli").joinpath(SCHEMA_FILE).read_text(encoding="utf-8"))
+
+
 def to_json(report: dict[str, Any]) -> str:
-    return json.dumps(report, indent=2, ensure_ascii=False) + "\n"
+    # allow_nan=False: NaN/Infinity are not JSON; one reaching here is a bug and must not ship silently.
+    return json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
 
 def sorted_layers(report: dict[str, Any], sort: str) -> list[dict[str, Any]]:
@@ -127,29 +151,97 @@ def to_csv(report: dict[str, Any], sort: str = "layer") -> str:
     return buffer.getvalue()
 
 
-def to_markdown(report: dict[str, Any], sort: str = "layer") -> str:
-    summary, settings = report["summary"], report["settings"]
-    rule = settings["selection"]
-    rule_text = f"cosine ≤ {rule['threshold']}" if rule["rule"] == "threshold" else f"{rule['top_k']} lowest"
+def _md_cell(value: Any) -> str:
+    """A Markdown table cell: pipes escaped so a path or name cannot break the table."""
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _rule_text(selection: dict[str, Any]) -> str:
+    if selection["rule"] == "threshold":
+        return f"threshold, select cosine ≤ {selection['threshold']}"
+    return f"top-k, select the {selection['top_k']} lowest cosines"
+
+
+def _projection_text(projection: dict[str, Any]) -> str:
+    if projection["kind"] == "approx":
+        return "approx (the paper's C = V·Vᵀ/‖V‖_F)"
+    keep = f"rank {projection['rank']}" if projection.get("rank") is not None else f"energy {projection['energy']}"
+    return f"exact (orthogonal projector onto V's top singular directions, {keep}, {projection['svd']} SVD)"
+
+
+def _md_inputs(report: dict[str, Any]) -> list[str]:
+    lines = ["| input | source | revision |", "|---|---|---|"]
+    for name, entry in report["inputs"].items():
+        revision = entry.get("revision") or entry.get("commit")
+        rev = f"`{_md_cell(revision)}`" if revision else "—"
+        lines.append(f"| {name} | `{_md_cell(entry['source'])}` | {rev} |")
+    return lines
+
+
+def _md_gates(report: dict[str, Any]) -> list[str]:
+    gates = report.get("gates") or []
+    if not gates:
+        return ["No gates were set."]
+    lines = ["| gate | limit | observed | result |", "|---|---:|---:|---|"]
+    for gate in gates:
+        result = "passed" if gate["passed"] else "**FAILED**"
+        lines.append(f"| --{gate['gate']} | {gate['limit']} | {fmt(gate['observed'])} | {result} |")
+    lines += ["", *(f"- {g['message']}" for g in gates)]
+    return lines
+
+
+def _md_layers(report: dict[str, Any], sort: str) -> list[str]:
     lines = [
-        "## Safe LoRA",
-        "",
-        f"Patched with safelora-cli {report['tool']['version']} ({settings['projection']['kind']} projection, "
-        f"selection: {rule_text}).",
-        "",
-        f"- Base: `{report['inputs']['base']['source']}`",
-        f"- Aligned: `{report['inputs']['aligned']['source']}`",
-        f"- Adapter: `{report['inputs']['adapter']['source']}`",
-        f"- Layers: {summary['layers']}, projected: {summary['selected']}, undefined: {summary['undefined']}",
-        f"- Cosine min / median / max: {fmt(summary['cosine_min'])} / {fmt(summary['cosine_median'])} / "
-        f"{fmt(summary['cosine_max'])}; Pdst: {fmt(summary['pdst'])}",
-        "",
         "| module | layer | r | cosine | projected | ‖V‖ | ‖ΔW‖ | ‖ΔW − CΔW‖ |",
         "|---|---:|---:|---:|:---:|---:|---:|---:|",
     ]
     for row in sorted_layers(report, sort):
-        cells = [f"`{row['module']}`", *(fmt(row[c]) for c in _COLUMNS[1:])]
+        cosine = fmt(row["cosine"]) if row["cosine"] is not None else f"undefined ({row['undefined_reason']})"
+        cells = [f"`{_md_cell(row['module'])}`", fmt(row["layer_index"]), fmt(row["rank"]), _md_cell(cosine),
+                 fmt(row["selected"]), *(fmt(row[c]) for c in _COLUMNS[5:])]
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def to_markdown(report: dict[str, Any], sort: str = "layer") -> str:
+    """A self-contained "## Safe LoRA" section: what was done, to what, with which outcome.
+
+    Used for `--report-md`, `inspect --format markdown` and the patched adapter's model card.
+    """
+    summary, settings = report["summary"], report["settings"]
+    done = ("lora_B of each projected layer was replaced by C·lora_B; lora_A and all other tensors are unchanged."
+            if report["command"] == "patch" else "Nothing was written: these are the layers `patch` would project.")
+    lines = [
+        "## Safe LoRA",
+        "",
+        f"Report of `safelora {report['command']}` (safelora-cli {report['tool']['version']}, Safe LoRA: "
+        f"Hsu et al., NeurIPS 2024). {done}",
+        "",
+        "### Settings",
+        "",
+        f"- Selection: {_rule_text(settings['selection'])}",
+        f"- Projection: {_projection_text(settings['projection'])}",
+        f"- Device: {report['device']}",
+        "",
+        "### Inputs",
+        "",
+        *_md_inputs(report),
+        "",
+        "### Summary",
+        "",
+        f"- Layers: {summary['layers']}; projected: {summary['selected']}; undefined: {summary['undefined']}",
+        f"- Cosine min / median / max: {fmt(summary['cosine_min'])} / {fmt(summary['cosine_median'])} / "
+        f"{fmt(summary['cosine_max'])}",
+        f"- Pdst (the official code's summary, > 0.8 is better): {fmt(summary['pdst'])}",
+        "",
+        "### Gates",
+        "",
+        *_md_gates(report),
+        "",
+        "### Layers",
+        "",
+        *_md_layers(report, sort),
+    ]
     return "\n".join(lines) + "\n"
 
 

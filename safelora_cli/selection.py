@@ -19,3 +19,13 @@ def select(cosines: Sequence[float | None], rule: SelectionRule) -> list[bool]:
     defined = sorted((c, i) for i, c in enumerate(cosines) if c is not None)
     chosen = {i for _, i in defined[: rule.top_k]}
     return [i in chosen for i in range(len(cosines))]
+
+
+def could_select(cosine: float | None, rule: SelectionRule) -> bool:
+    """Whether a layer may still be selected before the other layers' cosines are known.
+
+    A threshold decides each layer alone; top-K needs them all, so anything defined may be.
+    """
+    if cosine is None:
+        return False
+    return rule.threshold is None or cosine <= rule.threshold

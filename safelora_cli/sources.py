@@ -9,7 +9,7 @@ the index and the shards holding those tensors are downloaded.
 from __future__ import annotations
 
 import re
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,7 +105,7 @@ def resolve_adapter(spec: str, revision: str | None, token: str | None) -> Origi
 
 
 def resolve_model(spec: str, revision: str | None, token: str | None, label: str,
-                  needed: Collection[str]) -> tuple[Checkpoint, Origin]:
+                  needed: Callable[[Collection[str]], Collection[str]]) -> tuple[Checkpoint, Origin]:
     """Index a model for the tensors in `needed`; from the Hub, download only what holds them.
 
     Args:
@@ -113,7 +113,8 @@ def resolve_model(spec: str, revision: str | None, token: str | None, label: str
         revision: the --<label>-revision option (None: inline `@rev`, or the default branch).
         token: Hub token (None: HF_TOKEN or the saved login).
         label: 'base' or 'aligned'.
-        needed: checkpoint tensor names the adapter needs, e.g. `model.layers.0.self_attn.q_proj.weight`.
+        needed: given the names an index lists, those the adapter may use (e.g.
+            `model.layers.0.self_attn.q_proj.weight`); only their shards are downloaded.
     """
     parsed = parse_spec(spec, revision, label)
     if parsed.path is not None:
@@ -130,11 +131,14 @@ def resolve_model(spec: str, revision: str | None, token: str | None, label: str
             hint="Pass a repository with transformers-format weights.",
         )
     first = hub.download(repo, layout)
+    wanted: Collection[str] | None = None
     if layout.endswith(".index.json"):
-        for shard in shards_for(read_index(first, label), needed):
+        weight_map = read_index(first, label)
+        wanted = needed(weight_map.keys())
+        for shard in shards_for(weight_map, wanted):
             hub.download(repo, shard)
     hub.first_present(repo, (CONFIG_FILE,))  # optional; its quantization_config flags quantized weights
-    checkpoint = open_checkpoint(first.parent, label, needed=needed)
+    checkpoint = open_checkpoint(first.parent, label, needed=wanted)
     return checkpoint, Origin(spec, first.parent, repo.repo_id, repo.revision, repo.commit)
 
 

@@ -94,3 +94,11 @@ def demo_trio(tmp_path_factory: pytest.TempPathFactory) -> Trio:
     root = tmp_path_factory.mktemp("demo")
     write_trio(root)
     return Trio(root / "base", root / "aligned", root / "adapter")
+
+
+@pytest.fixture(scope="session")
+def variant_cases(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """Tiny models of several families with real PEFT adapters (see variant_models.py), built lazily."""
+    from variant_models import CaseCache
+
+    return CaseCache(tmp_path_factory.mktemp("variants"))

@@ -96,17 +96,22 @@ def test_lora_a_without_b_is_an_error() -> None:
         split_keys(["base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"], WHERE)
 
 
-@pytest.mark.parametrize(
-    ("key", "what"),
-    [
-        ("base_model.model.model.embed_tokens.lora_embedding_A", "embedding LoRA"),
-        ("base_model.model.model.layers.0.mlp.up_proj.lora_magnitude_vector", "DoRA"),
-        ("base_model.model.model.layers.0.mlp.up_proj.lora_B.bias", "LoRA biases"),
-    ],
-)
-def test_unsupported_variants_are_refused_by_key(key: str, what: str) -> None:
-    with pytest.raises(UnsupportedError, match=what):
-        split_keys([key], WHERE)
+def test_variant_keys_are_grouped_by_module() -> None:
+    """Embedding factors pair as A/B, DoRA magnitudes join their module, lora_B.bias stays untouched."""
+    emb, up = "base_model.model.model.embed_tokens", "base_model.model.model.layers.0.mlp.up_proj"
+    keys = [f"{emb}.lora_embedding_A", f"{emb}.lora_embedding_B", f"{up}.lora_A.weight", f"{up}.lora_B.weight",
+            f"{up}.lora_magnitude_vector", f"{up}.lora_B.bias"]
+    modules, other = split_keys(keys, WHERE)
+    by_name = {m.module: m for m in modules}
+    assert by_name["model.embed_tokens"].embedding and by_name["model.embed_tokens"].b_key == keys[1]
+    assert by_name["model.layers.0.mlp.up_proj"].magnitude_key == keys[4]
+    assert not by_name["model.layers.0.mlp.up_proj"].embedding
+    assert other == [f"{up}.lora_B.bias"]
+
+
+def test_embedding_a_without_b_is_an_error() -> None:
+    with pytest.raises(InputError, match="lack lora_A or lora_B: model.embed_tokens"):
+        split_keys(["base_model.model.model.embed_tokens.lora_embedding_A"], WHERE)
 
 
 @pytest.mark.parametrize(

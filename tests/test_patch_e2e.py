@@ -74,8 +74,11 @@ def test_other_files_are_copied_byte_for_byte(llama_trio, tmp_path: Path) -> Non
     patch(llama_trio, out)
     source, copied = tree_digest(llama_trio.adapter), tree_digest(out)
     assert copied.keys() == source.keys() | {REPORT_NAME}
-    for name in source.keys() - {"adapter_model.safetensors"}:
+    for name in source.keys() - {"adapter_model.safetensors", "README.md"}:
         assert copied[name] == source[name], name
+    # The model card is the input's, followed by the Safe LoRA section.
+    card = (out / "README.md").read_bytes()
+    assert card.startswith((llama_trio.adapter / "README.md").read_bytes().rstrip())
 
 
 def test_inputs_are_never_modified(sharded_trio, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

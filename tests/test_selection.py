@@ -6,7 +6,7 @@ import pytest
 
 from safelora_cli.config import SelectionRule
 from safelora_cli.errors import UsageError
-from safelora_cli.selection import select
+from safelora_cli.selection import could_select, select
 
 
 def test_threshold_is_inclusive() -> None:
@@ -40,3 +40,10 @@ def test_top_k_larger_than_defined_layers_takes_all_defined() -> None:
 def test_invalid_rules_are_usage_errors(threshold: float | None, top_k: int | None) -> None:
     with pytest.raises(UsageError):
         SelectionRule(threshold=threshold, top_k=top_k)
+
+
+def test_could_select_decides_alone_only_for_a_threshold() -> None:
+    rule = SelectionRule(threshold=0.5)
+    assert [could_select(c, rule) for c in (0.5, 0.51, None)] == [True, False, False]
+    top_k = SelectionRule(threshold=None, top_k=1)
+    assert [could_select(c, top_k) for c in (0.99, None)] == [True, False]
