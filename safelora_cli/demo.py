@@ -60,36 +60,37 @@ def _layer_tensors(shape: LlamaShape, i: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _save_shards(root: Path, shards: list[dict[str, torch.Tensor]]) -> None:
-    root.mkdir(parents=True, exist_ok=True)
-    if len(shards) == 1:
-        save_file(shards[0], str(root / "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map, total = {}, 0
-    for n, shard in enumerate(shards, start=1):
-        name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(root / name), metadata={"format": "pt"})
-        for key, t in shard.items():
-            weight_map[key] = name
-            total += t.numel() * t.element_size()
+def _shard_name(n: int, count: int) -> str:
+    return "model.safetensors" if count == 1 else f"model-{n:05d}-of-{count:05d}.safetensors"
+
+
+def _write_index(root: Path, weight_map: dict[str, str], total: int) -> None:
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (root / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 def write_models(root: Path, shape: LlamaShape, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
                  layers_per_shard: int | None = None) -> dict[str, torch.Tensor]:
-    """Write `root/base` and `root/aligned`; return each linear weight's alignment basis U (out, 8)."""
+    """Write `root/base` and `root/aligned`; return each linear weight's alignment basis U (out, 8).
+
+    Each shard is written as soon as it is made, so memory holds one shard of each model at a time.
+    """
     gen = torch.Generator().manual_seed(seed)
     bases: dict[str, torch.Tensor] = {}
     per_shard = layers_per_shard or shape.layers
-    base_shards: list[dict[str, torch.Tensor]] = []
-    aligned_shards: list[dict[str, torch.Tensor]] = []
+    count = -(-shape.layers // per_shard)
     embed = (torch.randn(shape.vocab, shape.hidden, generator=gen) * 0.02).to(dtype)
     head = (torch.randn(shape.vocab, shape.hidden, generator=gen) * 0.02).to(dtype)
     extra = {"model.embed_tokens.weight": embed, "lm_head.weight": head,
              "model.norm.weight": torch.ones(shape.hidden, dtype=dtype)}
-    for first in range(0, shape.layers, per_shard):
-        b_shard, a_shard = {}, {}
+    weight_map: dict[str, str] = {}
+    total = 0
+    for name in ("base", "aligned"):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        (root / name / "config.json").write_text(json.dumps(shape.hf_config(dtype), indent=2))
+    for n, first in enumerate(range(0, shape.layers, per_shard), start=1):
+        b_shard: dict[str, torch.Tensor] = {}
+        a_shard: dict[str, torch.Tensor] = {}
         for i in range(first, min(first + per_shard, shape.layers)):
             for key, s in _layer_tensors(shape, i).items():
                 if len(s) == 1:
@@ -101,13 +102,17 @@ def write_models(root: Path, shape: LlamaShape, dtype: torch.dtype = torch.bfloa
                 bases[key] = u
                 b_shard[key] = w.to(dtype)
                 a_shard[key] = (w + u @ v).to(dtype)
-        base_shards.append(b_shard)
-        aligned_shards.append(a_shard)
-    base_shards[-1].update(extra)
-    aligned_shards[-1].update(extra)
-    for name, shards in (("base", base_shards), ("aligned", aligned_shards)):
-        _save_shards(root / name, shards)
-        (root / name / "config.json").write_text(json.dumps(shape.hf_config(dtype), indent=2))
+        if n == count:
+            b_shard.update(extra)
+            a_shard.update(extra)
+        shard = _shard_name(n, count)
+        for name, tensors in (("base", b_shard), ("aligned", a_shard)):
+            save_file(tensors, str(root / name / shard), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(b_shard, shard))
+        total += sum(t.numel() * t.element_size() for t in b_shard.values())
+    if count > 1:
+        for name in ("base", "aligned"):
+            _write_index(root / name, weight_map, total)
     return bases
 
 

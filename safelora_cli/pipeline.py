@@ -25,7 +25,7 @@ from safelora_cli.errors import InputError, SafeLoraError, UsageError
 from safelora_cli.naming import KeyRule, parse_key_map
 from safelora_cli.pairing import LayerPlan, needed_weight_keys, pair_layers
 from safelora_cli.prefetch import Prefetcher, disk_order
-from safelora_cli.projection import LayerMath, layer_math, make_projector
+from safelora_cli.projection import LayerMath, Projected, layer_math, project
 from safelora_cli.selection import could_select, select
 from safelora_cli.sources import Origin, aligned_from_adapter, resolve_adapter, resolve_model
 
@@ -83,16 +83,16 @@ def _check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
                              hint="The file is corrupted or the training diverged; use a clean copy.")
 
 
-def _alignment(key: str, w_base: torch.Tensor, w_aligned: torch.Tensor, transposed: bool,
-               models: tuple[Checkpoint, Checkpoint]) -> AlignmentMatrix:
-    """V for one weight; an error naming the tensor when either weight is not finite."""
-    alignment = AlignmentMatrix(w_base, w_aligned, transposed)
-    if not math.isfinite(alignment.norm()):
+def _project(key: str, w_base: torch.Tensor, w_aligned: torch.Tensor, transposed: bool, bs: list[torch.Tensor],
+             settings: ProjectionSettings, models: tuple[Checkpoint, Checkpoint]) -> Projected:
+    """Project the B's with one weight's V; an error naming the tensor when a weight is not finite."""
+    projected = project(AlignmentMatrix(w_base, w_aligned, transposed), settings, bs)
+    if not math.isfinite(projected.v_norm):
         # Any NaN/Inf in either weight makes ‖V‖ non-finite; only then pay for finding which.
         for model, weight in zip(models, (w_base, w_aligned), strict=True):
             _check_finite({key: weight}, f"the {model.label} model {model.root}")
         raise InputError(f"W_aligned − W_base overflows float32 for {key}.")
-    return alignment
+    return projected
 
 
 @dataclass
@@ -116,14 +116,12 @@ def _analyze_weight(key: str, w_base: torch.Tensor, w_aligned: torch.Tensor, job
     targets = [(job, i, plan) for job in jobs for i, plan in job.plans_for(key)]
     for transposed in sorted({plan.transposed for _, _, plan in targets}):
         group = [t for t in targets if t[2].transposed == transposed]
-        projector = make_projector(_alignment(key, w_base, w_aligned, transposed, models), settings)
         bs = [job.adapter.tensors[plan.b_key].to(w_base.device, torch.float32) for job, _, plan in group]
-        cbs: list[torch.Tensor | None] = [None] * len(group)
-        if projector.project is not None:
-            cbs = list(projector.project(bs))
+        projected = _project(key, w_base, w_aligned, transposed, bs, settings, models)
+        cbs: list[torch.Tensor | None] = list(projected.cbs) if projected.cbs is not None else [None] * len(group)
         for (job, i, plan), cb in zip(group, cbs, strict=True):
             lora_a, lora_b = job.adapter.tensors[plan.a_key], job.adapter.tensors[plan.b_key]
-            math_ = layer_math(projector, lora_a, lora_b, cb)
+            math_ = layer_math(projected, lora_a, lora_b, cb)
             if math_.projected_b is not None:
                 # Keep C·B only where it may be used, in the adapter's own dtype on the host: never
                 # more memory than the adapter's B's.

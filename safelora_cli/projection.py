@@ -9,7 +9,6 @@ Frobenius quantity of ΔW = B·A goes through the r × r Gram matrix G = A·Aᵀ
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,8 +25,6 @@ _RSVD_NITER = 4
 UNDEFINED_V_ZERO = "aligned equals base in this layer (V = 0): no alignment signal"
 UNDEFINED_DW_ZERO = "the LoRA update is zero (B·A = 0): nothing to project"
 
-# Maps the B's (out, r_i) of one or more adapters on a layer to their projections.
-Projector = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -110,38 +107,40 @@ def analyze_layer(
         A `LayerMath`; degenerate layers get `cosine=None` and a reason, never NaN.
     """
     alignment = AlignmentMatrix(w_base.to(device), w_aligned.to(device))
-    projector = make_projector(alignment, settings)
-    b = lora_b.to(device=device, dtype=torch.float32)
-    cb = projector.project([b])[0] if projector.project is not None else None
-    return layer_math(projector, lora_a, lora_b, cb)
+    projected = project(alignment, settings, [lora_b.to(device=device, dtype=torch.float32)])
+    cb = projected.cbs[0] if projected.cbs is not None else None
+    return layer_math(projected, lora_a, lora_b, cb)
 
 
 @dataclass(frozen=True)
-class LayerProjector:
-    """What one layer's V contributes, computed once and shared by every adapter on that layer.
+class Projected:
+    """One layer's V applied to the B's of every adapter on it (V is formed once for all).
 
-    `project` maps a list of B's (out, r) float32 to their C·B (or P_k·B); it is None when V = 0.
-    Giving it the B's of several adapters at once pays for the passes over V once.
+    Attributes:
+        v_norm: ‖V‖_F (not finite when a weight is not: the caller reports which).
+        cbs: C·B (or P_k·B) for each B given, float32; None when V = 0 or ‖V‖_F is not finite.
+        subspace_rank: k of the exact projector, None for the paper's C.
     """
 
     v_norm: float
-    project: Projector | None
+    cbs: list[torch.Tensor] | None
     subspace_rank: int | None = None
 
 
-def make_projector(alignment: AlignmentMatrix, settings: ProjectionSettings) -> LayerProjector:
-    """The projection of `settings` for one layer's V."""
-    v_norm = alignment.norm()
-    if v_norm == 0.0:
-        return LayerProjector(0.0, None)
+def project(alignment: AlignmentMatrix, settings: ProjectionSettings, bs: list[torch.Tensor]) -> Projected:
+    """Apply the projection of `settings` for one layer's V to each B (out, r) in `bs`."""
     if settings.kind is Projection.APPROX:
-        return LayerProjector(v_norm, alignment.paper_project)
+        cbs = alignment.paper_project(bs)
+        return Projected(alignment.norm(), cbs)
+    v_norm = alignment.norm()
+    if v_norm == 0.0 or not math.isfinite(v_norm):
+        return Projected(v_norm, None)
     u = subspace_basis(alignment.dense(), settings)
-    return LayerProjector(v_norm, lambda bs: [u @ (u.T @ b) for b in bs], u.shape[1])
+    return Projected(v_norm, [u @ (u.T @ b) for b in bs], u.shape[1])
 
 
 def layer_math(
-    projector: LayerProjector, lora_a: torch.Tensor, lora_b: torch.Tensor, cb: torch.Tensor | None
+    projected: Projected, lora_a: torch.Tensor, lora_b: torch.Tensor, cb: torch.Tensor | None
 ) -> LayerMath:
     """Cosine and norms for one adapter's A (r, in), B (out, r), given C·B (None when V = 0)."""
     device = cb.device if cb is not None else lora_b.device
@@ -153,7 +152,7 @@ def layer_math(
     if cb is None:
         return LayerMath(None, UNDEFINED_V_ZERO, 0.0, delta_norm, 0.0, None, None)
 
-    v_norm, subspace_rank = projector.v_norm, projector.subspace_rank
+    v_norm, subspace_rank = projected.v_norm, projected.subspace_rank
     cb64 = cb.double()
     b_distance = float(torch.linalg.vector_norm(b64 - cb64))
     scale = float((b64**2).sum()) * float((a64**2).sum())

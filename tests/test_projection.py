@@ -8,6 +8,7 @@ import pytest
 import torch
 from reference import cosine, dense_c, patched_b, truncated_projector
 
+from safelora_cli.alignment import AlignmentMatrix
 from safelora_cli.config import Projection, ProjectionSettings, SvdMethod
 from safelora_cli.projection import UNDEFINED_DW_ZERO, UNDEFINED_V_ZERO, analyze_layer
 
@@ -148,3 +149,41 @@ def test_update_inside_alignment_space_has_cosine_one() -> None:
     b[:4] = torch.randn(4, 3)
     result = analyze_layer(w_base, v, torch.randn(3, 8), b, APPROX, CPU)
     assert result.cosine == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("block_rows", [1, 7, 1000])
+def test_blockwise_v_matches_the_dense_formula(transposed: bool, block_rows: int) -> None:
+    """Blocks of stored rows (with a ragged last block), in both storage layouts."""
+    out, inp = 30, 22
+    w_base, w_aligned, _, b = layer(out, inp, 3, seed=40)
+    stored = (w_base.T.contiguous(), w_aligned.T.contiguous()) if transposed else (w_base, w_aligned)
+    cols = stored[0].shape[1]
+    alignment = AlignmentMatrix(*stored, transposed=transposed, block_elements=block_rows * cols)
+    b2 = torch.randn(out, 5)
+    cbs = alignment.paper_project([b, b2])
+    assert cbs is not None
+    c = dense_c(w_base, w_aligned)
+    torch.testing.assert_close(cbs[0].double(), c @ b.double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cbs[1].double(), c @ b2.double(), rtol=1e-5, atol=1e-6)
+    assert alignment.norm() == pytest.approx(float((w_aligned.double() - w_base.double()).norm()), rel=1e-6)
+    torch.testing.assert_close(alignment.dense().double(), w_aligned.double() - w_base.double())
+
+
+def test_blockwise_results_do_not_depend_on_other_adapters() -> None:
+    """Patching several adapters in one pass must give the bits each would get alone."""
+    w_base, w_aligned, _, b = layer(64, 40, 4, seed=41)
+    alone = AlignmentMatrix(w_base, w_aligned, block_elements=9 * 40).paper_project([b])
+    together = AlignmentMatrix(w_base, w_aligned, block_elements=9 * 40).paper_project([torch.randn(64, 16), b])
+    assert alone is not None and together is not None
+    assert torch.equal(alone[0], together[1])
+
+
+@pytest.mark.parametrize("poison", [0.0, float("nan"), float("inf")])
+def test_no_projection_without_a_finite_nonzero_v(poison: float) -> None:
+    w_base = torch.ones(12, 6)
+    w_aligned = w_base.clone()
+    w_aligned[3, 2] += poison
+    alignment = AlignmentMatrix(w_base, w_aligned, block_elements=4 * 6)
+    assert alignment.paper_project([torch.randn(12, 2)]) is None
+    assert (alignment.norm() == 0.0) if poison == 0.0 else not math.isfinite(alignment.norm())
