@@ -201,8 +201,8 @@ def _leave_a_core_for_the_reader(device: torch.device) -> Iterator[None]:
 
 def analyze_many(configs: list[RunConfig], on_layer: OnLayer | None = None) -> list[Analysis]:
     """Analyse several adapters of the same base/aligned pair in one pass over the weights."""
+    device = resolve_device(configs[0].device)  # before any download: a wrong --device fails at once
     jobs, base, aligned = _load_jobs(configs)
-    device = resolve_device(configs[0].device)
     keys = disk_order(sorted({p.weight_key for job in jobs for p in job.plans}), base)
     with _leave_a_core_for_the_reader(device), Prefetcher(keys, base, aligned, device) as fetched:
         for done, item in enumerate(fetched, start=1):
