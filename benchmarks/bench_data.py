@@ -14,6 +14,10 @@ from pathlib import Path
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DONE_MARKER = "bench-trio.json"
+# The multi-adapter row: this many adapters of the 1.1B base, same targets and rank, different seeds.
+MULTI_COUNT = 8
+MULTI_DIR = "multi"
+MULTI_SEED = 101  # seeds MULTI_SEED .. MULTI_SEED + MULTI_COUNT - 1 (the main adapter uses 1)
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,14 @@ class Setup:
     layers_per_shard: int | None  # None: a single model.safetensors
     direct_fits: bool  # whether the dense fp32 "direct" implementation fits in 24 GiB
     model_gb: float  # size of one bf16 model, for the disk-space check
+    repeat: int = 5  # runs per row unless --repeat says otherwise
+    models_from: str | None = None  # reuse the base/aligned pair of that setup; only the adapter is made
+    adapter_dir: str = "adapter"
+
+    @property
+    def root_name(self) -> str:
+        """The data folder holding the base/aligned pair (and this setup's adapter)."""
+        return self.models_from or self.name
 
     def record(self) -> dict[str, object]:
         return {"shape": self.shape, "targets": list(self.targets), "rank": self.rank,
@@ -40,22 +52,48 @@ SETUPS = {
                 None, True, 2.2),
     # 7B (Llama-2-7b-like): 4 shards of ~3.4 GB per model.
     "7b": Setup("7b", "7B shape, LoRA on all 7 linear modules, r = 16", "SHAPE_7B", ALL_LINEAR, 16, 8, False,
-                13.5),
+                13.5, repeat=3),
+    # The same 7B pair with the 1.1B adapter's LoRA config, for the flatness comparison.
+    "7b-qv": Setup("7b-qv", "7B shape, LoRA on q_proj and v_proj, r = 8", "SHAPE_7B", ("q_proj", "v_proj"), 8, 8,
+                   False, 13.5, repeat=3, models_from="7b", adapter_dir="adapter-qv"),
 }
 
 
-def trio_dirs(root: Path) -> tuple[Path, Path, Path]:
-    return root / "base", root / "aligned", root / "adapter"
+def trio_dirs(root: Path, adapter_dir: str = "adapter") -> tuple[Path, Path, Path]:
+    return root / "base", root / "aligned", root / adapter_dir
 
 
-def is_ready(root: Path, setup: Setup) -> bool:
-    marker = root / DONE_MARKER
+def _marker_matches(marker: Path, record: dict[str, object]) -> bool:
     if not marker.is_file():
         return False
     try:
-        return json.loads(marker.read_text()) == setup.record()
+        return json.loads(marker.read_text()) == record
     except json.JSONDecodeError:
         return False
+
+
+def adapter_marker(root: Path, setup: Setup) -> Path:
+    """Where an adapter made for an existing pair records its settings (beside it, not inside it)."""
+    return root / f"{setup.adapter_dir}.json"
+
+
+def is_ready(root: Path, setup: Setup) -> bool:
+    if setup.models_from is None:
+        return _marker_matches(root / DONE_MARKER, setup.record())
+    return (is_ready(root, SETUPS[setup.models_from])
+            and _marker_matches(adapter_marker(root, setup), setup.record()))
+
+
+def multi_record(setup: Setup) -> dict[str, object]:
+    return {**setup.record(), "count": MULTI_COUNT, "first_seed": MULTI_SEED}
+
+
+def multi_dirs(root: Path) -> list[Path]:
+    return [root / MULTI_DIR / f"adapter-{i + 1}" for i in range(MULTI_COUNT)]
+
+
+def multi_ready(root: Path, setup: Setup) -> bool:
+    return _marker_matches(root / f"{MULTI_DIR}.json", multi_record(setup))
 
 
 def _header(path: Path) -> dict[str, dict]:
@@ -67,17 +105,21 @@ def _header(path: Path) -> dict[str, dict]:
     return header
 
 
-def needed_tensors(root: Path) -> list[tuple[str, list[str]]]:
+def adapted_modules(adapter: Path) -> list[str]:
+    """Module names an adapter directory targets, sorted."""
+    return sorted({k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
+                   for k in _header(adapter / "adapter_model.safetensors") if ".lora_A." in k})
+
+
+def needed_tensors(root: Path, adapter_dir: str = "adapter") -> list[tuple[str, list[str]]]:
     """What a patch must read, grouped by file in on-disk order: (file, keys).
 
     The base and aligned weight of every module the adapter targets, then the adapter file
     (all of it, key list empty meaning "every tensor").
     """
-    base, aligned, adapter = trio_dirs(root)
+    base, aligned, adapter = trio_dirs(root, adapter_dir)
     adapter_file = adapter / "adapter_model.safetensors"
-    modules = sorted({k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
-                      for k in _header(adapter_file) if ".lora_A." in k})
-    weights = [f"{m}.weight" for m in modules]
+    weights = [f"{m}.weight" for m in adapted_modules(adapter)]
     groups: list[tuple[str, list[str]]] = []
     for model in (base, aligned):
         index = model / "model.safetensors.index.json"
@@ -107,5 +149,41 @@ def needed_bytes(groups: list[tuple[str, list[str]]]) -> int:
     return total
 
 
-def trio_files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file())
+def trio_files(root: Path, adapter_dir: str = "adapter") -> list[Path]:
+    """The files of the base, the aligned model and one adapter."""
+    return sorted(p for d in trio_dirs(root, adapter_dir) for p in d.rglob("*") if p.is_file())
+
+
+def _model_files(model: Path) -> list[Path]:
+    index = model / "model.safetensors.index.json"
+    if index.is_file():
+        return [model / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return [model / "model.safetensors"]
+
+
+def fp32_model_bytes(model: Path) -> int:
+    """Bytes of one model held in float32 (every tensor of every shard)."""
+    total = 0
+    for file in _model_files(model):
+        for info in _header(file).values():
+            count = 1
+            for n in info["shape"]:
+                count *= n
+            total += 4 * count
+    return total
+
+
+def dense_c_bytes(root: Path, adapter_dir: str = "adapter") -> int:
+    """Bytes of every adapted layer's dense C = V·Vᵀ/‖V‖_F (out × out, float32) held at once."""
+    base = root / "base"
+    shapes = {k: v["shape"] for f in _model_files(base) for k, v in _header(f).items()}
+    return sum(4 * shapes[f"{m}.weight"][0] ** 2 for m in adapted_modules(root / adapter_dir))
+
+
+def available_memory() -> int:
+    """`MemAvailable` of /proc/meminfo, in bytes."""
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
