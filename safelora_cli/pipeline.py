@@ -8,9 +8,8 @@ targets the module is analysed from them.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -181,30 +180,12 @@ def _pair(adapter: Adapter, base: Checkpoint, aligned: Checkpoint, key_map: tupl
     return plans
 
 
-@contextlib.contextmanager
-def _leave_a_core_for_the_reader(device: torch.device) -> Iterator[None]:
-    """On the CPU, compute with one thread fewer than torch would use, for the reader thread.
-
-    Without this, torch's threads and the reader contend for the same cores and each parallel
-    operation waits for its slowest thread: on 2 cores the pass took twice as long.
-    """
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads < 2:
-        yield
-        return
-    torch.set_num_threads(threads - 1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def analyze_many(configs: list[RunConfig], on_layer: OnLayer | None = None) -> list[Analysis]:
     """Analyse several adapters of the same base/aligned pair in one pass over the weights."""
     device = resolve_device(configs[0].device)  # before any download: a wrong --device fails at once
     jobs, base, aligned = _load_jobs(configs)
     keys = disk_order(sorted({p.weight_key for job in jobs for p in job.plans}), base)
-    with _leave_a_core_for_the_reader(device), Prefetcher(keys, base, aligned, device) as fetched:
+    with Prefetcher(keys, base, aligned, device) as fetched:
         for done, item in enumerate(fetched, start=1):
             _analyze_weight(item.key, *item.wait(), jobs, (base, aligned), configs[0].projection)
             if on_layer is not None:
