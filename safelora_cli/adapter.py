@@ -19,7 +19,6 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 
-_PREFIX = "base_model.model."
 # On disk PEFT drops the adapter name: base_model.model.<module>.lora_A.weight. Embedding LoRA has
 # no `.weight` suffix; DoRA adds one magnitude vector per module; lora_bias adds lora_B.bias.
 _LORA_KEY = re.compile(
@@ -56,7 +55,6 @@ class AdapterConfig:
     lora_alpha: float
     use_rslora: bool = False
     alpha_pattern: dict[str, float] = field(default_factory=dict)
-    base_model_name_or_path: str | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     use_dora: bool = False
     fan_in_fan_out: bool = False
@@ -147,7 +145,6 @@ def parse_config(raw: dict[str, Any], where: Path) -> AdapterConfig:
             lora_alpha=float(raw.get("lora_alpha", 8)),
             use_rslora=bool(raw.get("use_rslora", False)),
             alpha_pattern={str(k): float(v) for k, v in (raw.get("alpha_pattern") or {}).items()},
-            base_model_name_or_path=raw.get("base_model_name_or_path"),
             rank_pattern={str(k): int(v) for k, v in (raw.get("rank_pattern") or {}).items()},
             use_dora=bool(raw.get("use_dora", False)),
             fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
@@ -320,8 +317,3 @@ def load_adapter(path: Path, name: str | None = None) -> Adapter:
     _refuse_tied_factors(raw, modules, path)
     return Adapter(path, config, raw, tensors, metadata, modules, other, root=root,
                    name=name if path != root else None)
-
-
-def module_of(key: str) -> str:
-    """The model's name for an adapter key's module (drops PEFT's wrapper prefix)."""
-    return key[len(_PREFIX) :] if key.startswith(_PREFIX) else key

@@ -46,9 +46,6 @@ class SelectionRule:
     def kind(self) -> str:
         return "threshold" if self.threshold is not None else "top-k"
 
-    def describe(self) -> str:
-        return f"cosine ≤ {self.threshold}" if self.threshold is not None else f"{self.top_k} lowest cosines"
-
 
 @dataclass(frozen=True)
 class ProjectionSettings:

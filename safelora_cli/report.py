@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 SCHEMA_VERSION = 1
 REPORT_NAME = "safelora_report.json"
 SCHEMA_FILE = "report_schema.json"  # JSON Schema of the report, shipped as package data
-SORT_KEYS = ("layer", "cosine", "module")
 _COLUMNS = ("module", "layer_index", "rank", "cosine", "selected", "v_norm", "delta_norm", "residual_norm")
 
 
