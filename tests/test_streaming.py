@@ -128,3 +128,22 @@ def test_help_does_not_import_torch() -> None:
     code = "import sys, safelora_cli.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_json_with_several_adapters_is_a_list_of_their_reports(three_adapters, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    import jsonschema
+
+    from safelora_cli.report import REPORT_NAME, json_schema
+
+    base, aligned, adapters = three_adapters
+    out = tmp_path / "out"
+    result = run_cli("patch", "--base", base, "--aligned", aligned, "--adapter", adapters[0],
+                     "--adapter", adapters[1], "--out", out, "--device", "cpu", "--json", "--quiet")
+    assert result.exit_code == 0, result.stderr
+    reports = json.loads(result.stdout)
+    assert [r["inputs"]["adapter"]["source"] for r in reports] == [str(a) for a in adapters[:2]]
+    for report, adapter in zip(reports, adapters[:2], strict=True):
+        jsonschema.validate(report, json_schema())
+        assert report == json.loads((out / adapter.name / REPORT_NAME).read_text())
