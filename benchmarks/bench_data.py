@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import bench_measure
+
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DONE_MARKER = "bench-trio.json"
 # The multi-adapter row: this many adapters of the 1.1B base, same targets and rank, different seeds.
@@ -182,8 +184,4 @@ def dense_c_bytes(root: Path, adapter_dir: str = "adapter") -> int:
 
 def available_memory() -> int:
     """`MemAvailable` of /proc/meminfo, in bytes."""
-    with open("/proc/meminfo") as fh:
-        for line in fh:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return bench_measure.meminfo_bytes("MemAvailable")

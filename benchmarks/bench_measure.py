@@ -118,13 +118,18 @@ def drop_page_cache() -> None:
         fh.write("3\n")
 
 
-def cached_bytes() -> int:
-    """Page cache size (`Cached` in /proc/meminfo)."""
+def meminfo_bytes(field: str) -> int:
+    """One field of /proc/meminfo (e.g. `Cached`, `MemAvailable`), in bytes; 0 when absent."""
     with open("/proc/meminfo") as fh:
         for line in fh:
-            if line.startswith("Cached:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def cached_bytes() -> int:
+    """Page cache size (`Cached` in /proc/meminfo)."""
+    return meminfo_bytes("Cached")
 
 
 def read_files(paths: Sequence[Path], chunk: int = 16 << 20) -> int:

@@ -127,8 +127,7 @@ def machine() -> dict[str, str]:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    with open("/proc/meminfo") as fh:
-        mem_kb = int(fh.readline().split()[1])
+    mem_kb = bm.meminfo_bytes("MemTotal") // 1024
     versions = subprocess.run(
         [PY, "-c", "import torch, safetensors, transformers, peft; print(torch.__version__, "
          "safetensors.__version__, torch.cuda.is_available(), transformers.__version__, peft.__version__)"],

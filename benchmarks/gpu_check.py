@@ -441,8 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     with open("/proc/cpuinfo") as fh:
         machine["cpu"] = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")),
                               machine["cpu"])
-    with open("/proc/meminfo") as fh:
-        machine["ram"] = f"{int(fh.readline().split()[1]) / 2**20:.0f} GiB"
+    machine["ram"] = f"{bm.meminfo_bytes('MemTotal') / 2**30:.0f} GiB"
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip()
 
