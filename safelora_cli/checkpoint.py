@@ -10,6 +10,7 @@ tensors asked for; `TensorStream` keeps at most one shard open per checkpoint.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Collection
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import torch
 
 from safelora_cli import pickled_io
 from safelora_cli.errors import InputError, UnsupportedError, format_keys
-from safelora_cli.safetensors_io import open_safetensors, read_header, read_tensor
+from safelora_cli.safetensors_io import item_bytes, open_safetensors, read_header, read_tensor
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -43,6 +44,10 @@ class TensorInfo:
     file: Path
     shape: tuple[int, ...]
     dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * item_bytes(self.dtype)
 
     @property
     def pickled(self) -> bool:

@@ -9,7 +9,6 @@ few, and a module larger than the budget alone.
 
 from __future__ import annotations
 
-import math
 import queue
 import threading
 from collections.abc import Iterator
@@ -23,7 +22,6 @@ from safelora_cli.checkpoint import Checkpoint, TensorStream
 # Enough for two 7B-class MLP weights of both models, so reading overlaps computing there.
 READ_AHEAD_BYTES = 384 << 20
 _POLL_SECONDS = 0.1
-_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2}
 
 
 @dataclass
@@ -60,11 +58,7 @@ def disk_order(keys: list[str], base: Checkpoint) -> list[str]:
 
 def weight_bytes(models: tuple[Checkpoint, ...], key: str) -> int:
     """Bytes of `key` in all `models` together, from their headers."""
-    total = 0
-    for model in models:
-        info = model.tensors[key]
-        total += math.prod(info.shape) * _DTYPE_BYTES.get(info.dtype, 4)
-    return total
+    return sum(model.tensors[key].nbytes for model in models)
 
 
 class Prefetcher:

@@ -77,6 +77,14 @@ _DTYPE_NAMES = {
 }
 
 
+_ITEM_BYTES = {name: dtype.itemsize for dtype, name in _DTYPE_NAMES.items()}
+
+
+def item_bytes(name: str) -> int:
+    """Bytes per element of a safetensors dtype name (4 for names this table does not know)."""
+    return _ITEM_BYTES.get(name, 4)
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """The safetensors name of a torch dtype (`torch.bfloat16` → `BF16`); others by torch's name."""
     return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
