@@ -1,4 +1,7 @@
-"""Frozen settings: what the user asked for, validated once, passed to the pipeline."""
+"""Frozen settings, split by what they are: inputs (what to read), method (how to compute),
+outputs (where to write). The policy (gates) lives in `gates`. Each is validated once, when it
+is made; messages name the setting as both the Python API and the CLI call it.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from safelora_cli.errors import UsageError
-from safelora_cli.gates import Gates
-from safelora_cli.naming import parse_key_map
+from safelora_cli.naming import KeyRule, parse_key_map
 
 DEFAULT_THRESHOLD = 0.5
 
@@ -36,11 +38,20 @@ class SelectionRule:
 
     def __post_init__(self) -> None:
         if (self.threshold is None) == (self.top_k is None):
-            raise UsageError("Choose one selection rule: --threshold or --top-k, not both.")
-        if self.top_k is not None and self.top_k < 0:
-            raise UsageError(f"--top-k must be 0 or more, got {self.top_k}.")
+            raise UsageError("Choose one selection rule: threshold or top-k, not both.")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or self.top_k < 0):
+            raise UsageError(f"top-k must be 0 or more, got {self.top_k}.")
         if self.threshold is not None and not -1.0 <= self.threshold <= 1.0:
-            raise UsageError(f"--threshold is a cosine and must lie in [-1, 1], got {self.threshold}.")
+            raise UsageError(f"threshold is a cosine and must lie in [-1, 1], got {self.threshold}.")
+
+    @classmethod
+    def of(cls, threshold: float | None, top_k: int | None) -> SelectionRule:
+        """The rule for the two options as a user gives them: neither means the default threshold."""
+        if threshold is not None and top_k is not None:
+            raise UsageError("Choose one selection rule: threshold or top-k, not both.")
+        if top_k is not None:
+            return cls(threshold=None, top_k=top_k)
+        return cls(threshold=DEFAULT_THRESHOLD if threshold is None else threshold)
 
     @property
     def kind(self) -> str:
@@ -57,58 +68,82 @@ class ProjectionSettings:
     svd: SvdMethod = SvdMethod.AUTO
 
     def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "kind", Projection(self.kind))
+            object.__setattr__(self, "svd", SvdMethod(self.svd))
+        except ValueError as exc:
+            raise UsageError(f"{exc}; projection is approx or exact, svd is auto, full or randomized.") from None
         if self.kind is Projection.APPROX:
             if self.rank is not None or self.energy is not None:
-                raise UsageError("--rank and --energy only apply with --projection exact.")
+                raise UsageError("rank and energy only apply with projection exact.")
             return
         if (self.rank is None) == (self.energy is None):
             raise UsageError(
-                "--projection exact needs exactly one of --rank K or --energy E.",
+                "projection exact needs exactly one of rank K or energy E.",
                 hint="Without a truncation the exact projector of a full-rank V is the identity.",
             )
         if self.rank is not None and self.rank < 1:
-            raise UsageError(f"--rank must be 1 or more, got {self.rank}.")
+            raise UsageError(f"rank must be 1 or more, got {self.rank}.")
         if self.energy is not None and not 0.0 < self.energy <= 1.0:
-            raise UsageError(f"--energy is a fraction of Σσ² in (0, 1], got {self.energy}.")
+            raise UsageError(f"energy is a fraction of Σσ² in (0, 1], got {self.energy}.")
 
 
 @dataclass(frozen=True)
-class RunConfig:
-    """Everything one `patch` or `inspect` run needs."""
+class Inputs:
+    """What to read: the two models, one or more adapters of them, and how to find their files."""
 
     base: str
-    aligned: str | None  # None: the model named by the adapter's config
-    adapter: str
-    selection: SelectionRule = field(default_factory=SelectionRule)
-    projection: ProjectionSettings = field(default_factory=ProjectionSettings)
-    device: str = "auto"
-    out: Path | None = None
-    force: bool = False
-    gates: Gates = field(default_factory=Gates)
+    adapters: tuple[str, ...]
+    aligned: str | None = None  # None: the model named by the adapters' configs
+    base_revision: str | None = None
+    aligned_revision: str | None = None
+    adapter_revision: str | None = None
     # PEFT's subfolder name of one of several adapters saved together (None: the top-level one).
     adapter_name: str | None = None
     # `REGEX=REPLACEMENT` rules applied to adapter module names before checkpoint lookup.
     key_map: tuple[str, ...] = ()
-    # Hub revisions (branch, tag or commit) and token; None: default branch, HF_TOKEN / saved login.
-    base_revision: str | None = None
-    aligned_revision: str | None = None
-    adapter_revision: str | None = None
     token: str | None = field(default=None, repr=False)
+    key_rules: tuple[KeyRule, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        parse_key_map(self.key_map)  # refuse a malformed rule before reading anything
+        if not self.adapters:
+            raise UsageError("Give at least one adapter.")
+        for name, value in (("base", self.base), ("aligned", self.aligned), *(("adapter", a) for a in self.adapters)):
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise UsageError(f"{name} must be a non-empty path or Hub id, got {value!r}.")
+        object.__setattr__(self, "key_rules", parse_key_map(self.key_map))  # parsed once, here
 
-    def settings_record(self) -> dict[str, Any]:
+
+@dataclass(frozen=True)
+class Method:
+    """How to compute: which layers to select, which projection, on which device."""
+
+    selection: SelectionRule = field(default_factory=SelectionRule)
+    projection: ProjectionSettings = field(default_factory=ProjectionSettings)
+    device: str = "auto"
+
+    def record(self) -> dict[str, Any]:
         """The settings as plain JSON values, for the report and the provenance metadata."""
-        selection = {"rule": self.selection.kind}
+        selection: dict[str, Any] = {"rule": self.selection.kind}
         if self.selection.threshold is not None:
-            selection["threshold"] = self.selection.threshold  # type: ignore[assignment]
+            selection["threshold"] = self.selection.threshold
         else:
-            selection["top_k"] = self.selection.top_k  # type: ignore[assignment]
+            selection["top_k"] = self.selection.top_k
         projection = {k: (v.value if isinstance(v, Enum) else v) for k, v in asdict(self.projection).items()}
-        record = {"selection": selection, "projection": projection, "device": self.device}
-        if self.adapter_name is not None:
-            record["adapter_name"] = self.adapter_name
-        if self.key_map:
-            record["key_map"] = list(self.key_map)
-        return record
+        return {"selection": selection, "projection": projection, "device": self.device}
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Where to write: the patched adapter directory (patch only) and the optional side files."""
+
+    out: Path | None = None
+    force: bool = False
+    report_md: Path | None = None
+    plot: Path | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("out", "report_md", "plot"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, Path(value).expanduser())

@@ -151,3 +151,37 @@ def write_trio(root: Path, shape: LlamaShape = TINY, targets: tuple[str, ...] = 
     """`root/base`, `root/aligned` and `root/adapter`, ready for `safelora patch`."""
     bases = write_models(root, shape, dtype, layers_per_shard=layers_per_shard)
     write_adapter(root / "adapter", shape, bases, targets, rank, base_model=str(root / "aligned"))
+
+
+def write_demo(directory: Path) -> None:
+    """The demo trio in `directory` (new, or empty), written whole or not at all.
+
+    Raises:
+        UsageError: `directory` is a file or a directory that is not empty.
+        OutputError: it cannot be written (disk full, permissions).
+    """
+    import os
+    import shutil
+
+    from safelora_cli.errors import UsageError
+    from safelora_cli.placement import make_parents, make_staging, os_error, place, remove_created
+
+    if os.path.lexists(directory) and (directory.is_symlink() or not directory.is_dir()):
+        raise UsageError(f"{directory} exists and is not a directory.", hint="Choose a new directory.")
+    if directory.is_dir() and any(directory.iterdir()):
+        raise UsageError(f"{directory} exists and is not empty.", hint="Choose a new directory.")
+    existed = (os.stat(directory).st_dev, os.stat(directory).st_ino) if directory.is_dir() else None
+    created: list[Path] = []
+    staging: Path | None = None
+    try:
+        created = make_parents(directory)
+        staging = make_staging(directory)
+        write_trio(staging)
+        place(staging, directory, existed, "demo directory")
+        staging = None
+    except OSError as exc:
+        raise os_error(exc, directory) from None
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+            remove_created(created)

@@ -41,6 +41,7 @@ class LayerMath:
         projected_b: C·B (None when the layer cannot be projected; the pipeline also drops it for
             layers a threshold rule cannot select).
         subspace_rank: k of the exact projector, None for the paper's C.
+        projected_norm: ‖CΔW‖_F (unscaled), what a projected layer keeps of its update.
     """
 
     cosine: float | None
@@ -51,6 +52,7 @@ class LayerMath:
     b_distance: float | None
     projected_b: torch.Tensor | None
     subspace_rank: int | None = None
+    projected_norm: float = 0.0
 
 
 def subspace_basis(v: torch.Tensor, settings: ProjectionSettings) -> torch.Tensor:
@@ -166,4 +168,5 @@ def layer_math(
     # CΔW = 0 with ΔW ≠ 0: the update is orthogonal to the aligned subspace, the limit cosine is 0.
     cosine = 0.0 if proj_sq <= 0.0 else inner / math.sqrt(proj_sq * dw_sq)
     cosine = min(1.0, max(-1.0, cosine))
-    return LayerMath(cosine, None, v_norm, delta_norm, residual_norm, b_distance, cb, subspace_rank)
+    return LayerMath(cosine, None, v_norm, delta_norm, residual_norm, b_distance, cb, subspace_rank,
+                     math.sqrt(max(proj_sq, 0.0)))

@@ -1,8 +1,10 @@
-"""The similarity report: one versioned JSON document, and its CSV / Markdown renderings.
+"""The similarity report: one versioned JSON document, built once, and its CSV / Markdown renderings.
 
 Schema (version 1) is documented in docs/report-schema.md and shipped as a JSON Schema
 (report_schema.json, see `json_schema`); `SCHEMA_VERSION` changes on any incompatible edit.
-Norms are of the weight update as PEFT applies it (LoRA scaling included).
+Norms are of the weight update as PEFT applies it (LoRA scaling included). The types below say
+what each part holds; the document itself is plain JSON values, so that `json.dumps` of it is
+what `--json` prints and what the Python API returns.
 """
 
 from __future__ import annotations
@@ -10,25 +12,70 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import statistics
-import sys
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from safelora_cli import __version__
-from safelora_cli.gates import GateResult, evaluate
+from safelora_cli.gates import GateResult
+from safelora_cli.outputs import REPORT_NAME
 
 if TYPE_CHECKING:
-    from safelora_cli.pipeline import Analysis, LayerResult
+    from safelora_cli.analysis import Analysis, LayerResult
+
+__all__ = ["REPORT_NAME", "Report", "build_report", "json_schema", "to_csv", "to_json"]
 
 SCHEMA_VERSION = 1
-REPORT_NAME = "safelora_report.json"
 SCHEMA_FILE = "report_schema.json"  # JSON Schema of the report, shipped as package data
-_COLUMNS = ("module", "layer_index", "rank", "cosine", "selected", "v_norm", "delta_norm", "residual_norm")
+# Thresholds of the sweep in the summary: how many layers each would select, so a user picks τ without rerunning.
+SWEEP = (0.3, 0.35, 0.4, 0.5, 0.6)
+_COLUMNS = ("module", "layer_index", "rank", "cosine", "selected", "update_retained", "v_norm", "delta_norm",
+            "residual_norm")
 
 
-def _layer_record(result: LayerResult) -> dict[str, Any]:
-    plan, math = result.plan, result.math
+class LayerRecord(TypedDict):
+    module: str
+    layer_index: int | None
+    weight_key: str
+    shape: list[int]
+    rank: int
+    scaling: float
+    cosine: float | None
+    undefined_reason: str | None
+    selected: bool
+    update_retained: float
+    v_norm: float
+    delta_norm: float
+    residual_norm: float
+    b_distance: float | None
+    subspace_rank: int | None
+
+
+class Report(TypedDict):
+    schema_version: int
+    tool: dict[str, str]
+    command: str
+    inputs: dict[str, dict[str, Any]]
+    settings: dict[str, Any]
+    device: str
+    summary: dict[str, Any]
+    layers: list[LayerRecord]
+    untouched_tensors: list[str]
+    skipped_files: list[dict[str, str]]
+    gates: list[dict[str, Any]]
+
+
+def _retained(result: LayerResult) -> float:
+    """‖ΔW after‖_F / ‖ΔW before‖_F: ‖CΔW‖/‖ΔW‖ for a projected layer, 1 for one left alone."""
+    math_ = result.math
+    if not result.selected or math_.delta_norm == 0.0:
+        return 1.0
+    return math_.projected_norm / math_.delta_norm
+
+
+def _layer_record(result: LayerResult) -> LayerRecord:
+    plan, math_ = result.plan, result.math
     return {
         "module": plan.module,
         "layer_index": plan.layer_index,
@@ -36,14 +83,15 @@ def _layer_record(result: LayerResult) -> dict[str, Any]:
         "shape": list(plan.shape),
         "rank": plan.rank,
         "scaling": plan.scaling,
-        "cosine": math.cosine,
-        "undefined_reason": math.undefined_reason,
+        "cosine": math_.cosine,
+        "undefined_reason": math_.undefined_reason,
         "selected": result.selected,
-        "v_norm": math.v_norm,
-        "delta_norm": math.delta_norm * abs(plan.scaling),
-        "residual_norm": math.residual_norm * abs(plan.scaling),
-        "b_distance": math.b_distance,
-        "subspace_rank": math.subspace_rank,
+        "update_retained": _retained(result),
+        "v_norm": math_.v_norm,
+        "delta_norm": math_.delta_norm * abs(plan.scaling),
+        "residual_norm": math_.residual_norm * abs(plan.scaling),
+        "b_distance": math_.b_distance,
+        "subspace_rank": math_.subspace_rank,
     }
 
 
@@ -57,8 +105,9 @@ def _pdst(layers: list[LayerResult]) -> float | None:
     return sum(terms) / len(terms) if terms else None
 
 
-def _summary(layers: list[LayerResult]) -> dict[str, Any]:
+def _summary(layers: list[LayerResult], records: list[LayerRecord]) -> dict[str, Any]:
     cosines = [r.math.cosine for r in layers if r.math.cosine is not None]
+    kept = [rec["update_retained"] for rec in records if rec["selected"]]
     return {
         "layers": len(layers),
         "selected": sum(r.selected for r in layers),
@@ -66,46 +115,41 @@ def _summary(layers: list[LayerResult]) -> dict[str, Any]:
         "cosine_min": min(cosines) if cosines else None,
         "cosine_median": statistics.median(cosines) if cosines else None,
         "cosine_max": max(cosines) if cosines else None,
+        "update_retained_min": min(kept) if kept else None,
+        "update_retained_max": max(kept) if kept else None,
+        "threshold_sweep": [{"threshold": t, "selected": sum(c <= t for c in cosines)} for t in SWEEP],
         "pdst": _pdst(layers),
     }
 
 
-def _origin(analysis: Analysis, name: str) -> dict[str, Any]:
-    """Requested revision and resolved commit (null for local inputs); see sources.Origin."""
-    origin = analysis.origins.get(name)
-    return origin.record() if origin is not None else {"revision": None, "commit": None}
+def build_report(command: str, analysis: Analysis, inputs: dict[str, dict[str, Any]], settings: dict[str, Any],
+                 device: str, gates: list[GateResult], skipped_files: list[dict[str, str]]) -> Report:
+    """The report as plain JSON values; deterministic for the same inputs and settings.
 
-
-def build_report(analysis: Analysis, command: str) -> dict[str, Any]:
-    """The report as plain JSON values; deterministic for the same inputs and settings."""
-    config = analysis.config
-    return {
+    Args:
+        command: "patch" or "inspect".
+        analysis: the adapter's analysed layers.
+        inputs: `base`, `aligned`, `adapter` → source, path, revision, commit (see sources.Origin.record).
+        settings: the method's record, with adapter_name / key_map when given.
+        device: the device the math ran on.
+        gates: the verdicts of the gates asked for.
+        skipped_files: files of the adapter directory not copied to the output, with the reason.
+    """
+    records = [_layer_record(r) for r in analysis.layers]
+    report: Report = {
         "schema_version": SCHEMA_VERSION,
         "tool": {"name": "safelora-cli", "version": __version__},
         "command": command,
-        "inputs": {
-            "base": {"source": config.base, "path": str(analysis.base.root), **_origin(analysis, "base")},
-            "aligned": {"source": config.aligned, "path": str(analysis.aligned.root), **_origin(analysis, "aligned")},
-            "adapter": {"source": config.adapter, "path": str(analysis.adapter.path), **_origin(analysis, "adapter")},
-        },
-        "settings": config.settings_record(),
-        "device": analysis.device,
-        "summary": _summary(analysis.layers),
-        "layers": [_layer_record(r) for r in analysis.layers],
+        "inputs": inputs,
+        "settings": settings,
+        "device": device,
+        "summary": _summary(analysis.layers, records),
+        "layers": records,
         "untouched_tensors": analysis.adapter.other_keys,
-        "gates": [asdict(g) for g in _gates(analysis)],
+        "skipped_files": skipped_files,
+        "gates": [asdict(g) for g in gates],
     }
-
-
-def _gates(analysis: Analysis) -> list[GateResult]:
-    layers = analysis.layers
-    return evaluate(analysis.config.gates, [r.math.cosine for r in layers], [r.selected for r in layers],
-                    [r.plan.module for r in layers])
-
-
-def failed_gates(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """The gates of a report that did not pass (empty when none failed or none were set)."""
-    return [g for g in report.get("gates", []) if not g["passed"]]
+    return report
 
 
 def json_schema() -> dict[str, Any]:
@@ -115,19 +159,32 @@ def json_schema() -> dict[str, Any]:
     return json.loads(resources.files("safelora_cli").joinpath(SCHEMA_FILE).read_text(encoding="utf-8"))
 
 
-def to_json(report: dict[str, Any]) -> str:
+def to_json(report: Report | list[Report]) -> str:
     # allow_nan=False: NaN/Infinity are not JSON; one reaching here is a bug and must not ship silently.
     return json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
 
-def sorted_layers(report: dict[str, Any], sort: str) -> list[dict[str, Any]]:
-    """Layers in layer order (as computed), by cosine (undefined last), or by module name."""
+# Model order within a block: attention, then MLP, as the modules run.
+_MODULE_ORDER = {name: i for i, name in enumerate(
+    ("q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "c_attn", "o_proj", "dense", "c_proj",
+     "gate_proj", "up_proj", "gate_up_proj", "down_proj", "fc1", "fc2", "c_fc"))}
+
+
+def model_order(row: LayerRecord) -> tuple[float, int, str]:
+    """Layer number (modules outside the blocks first), then attention before MLP as the model runs."""
+    leaf = row["module"].rsplit(".", 1)[-1]
+    index = row["layer_index"]
+    return (-1 if index is None else index, _MODULE_ORDER.get(leaf, len(_MODULE_ORDER)), row["module"])
+
+
+def sorted_layers(report: Report, sort: str) -> list[LayerRecord]:
+    """Layers in model order, by cosine (undefined last), or by module type."""
     layers = report["layers"]
     if sort == "cosine":
-        return sorted(layers, key=lambda r: (r["cosine"] is None, r["cosine"] or 0.0))
+        return sorted(layers, key=lambda r: (r["cosine"] is None, r["cosine"] or 0.0, model_order(r)))
     if sort == "module":
-        return sorted(layers, key=lambda r: (r["module"].rsplit(".", 1)[-1], r["layer_index"] or 0))
-    return list(layers)
+        return sorted(layers, key=lambda r: (r["module"].rsplit(".", 1)[-1], model_order(r)))
+    return sorted(layers, key=model_order)
 
 
 def fmt(value: Any, digits: int = 4) -> str:
@@ -141,109 +198,33 @@ def fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def to_csv(report: dict[str, Any], sort: str = "layer") -> str:
+def percent(value: float) -> str:
+    """A share as people read it: 0.4% rather than 0.0043; two significant digits when small."""
+    share = 100 * value
+    return f"{share:.2g}%" if share < 10 else f"{share:.0f}%"
+
+
+def to_csv(report: Report, sort: str = "layer") -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow([*_COLUMNS, "undefined_reason"])
     for row in sorted_layers(report, sort):
-        writer.writerow([*("" if row[c] is None else row[c] for c in _COLUMNS), row["undefined_reason"] or ""])
+        writer.writerow([*("" if row[c] is None else row[c] for c in _COLUMNS),  # type: ignore[literal-required]
+                         row["undefined_reason"] or ""])
     return buffer.getvalue()
 
 
-def _md_cell(value: Any) -> str:
-    """A Markdown table cell: pipes escaped so a path or name cannot break the table."""
-    return str(value).replace("|", "\\|").replace("\n", " ")
+def projected_line(report: Report) -> str:
+    """One sentence on what projecting did: "4 layers projected; they keep 0.4–3% of their update"."""
+    s = report["summary"]
+    if not s["selected"]:
+        return "No layer projected; the adapter is unchanged."
+    low, high = s["update_retained_min"], s["update_retained_max"]
+    share = percent(low) if math.isclose(low, high, rel_tol=0.05) else f"{percent(low)}–{percent(high)}"
+    noun = "layer" if s["selected"] == 1 else "layers"
+    return f"{s['selected']} {noun} projected; they keep {share} of their update (‖CΔW‖/‖ΔW‖)."
 
 
-def _rule_text(selection: dict[str, Any]) -> str:
-    if selection["rule"] == "threshold":
-        return f"threshold, select cosine ≤ {selection['threshold']}"
-    return f"top-k, select the {selection['top_k']} lowest cosines"
-
-
-def _projection_text(projection: dict[str, Any]) -> str:
-    if projection["kind"] == "approx":
-        return "approx (the paper's C = V·Vᵀ/‖V‖_F)"
-    keep = f"rank {projection['rank']}" if projection.get("rank") is not None else f"energy {projection['energy']}"
-    return f"exact (orthogonal projector onto V's top singular directions, {keep}, {projection['svd']} SVD)"
-
-
-def _md_inputs(report: dict[str, Any]) -> list[str]:
-    lines = ["| input | source | revision |", "|---|---|---|"]
-    for name, entry in report["inputs"].items():
-        revision = entry.get("revision") or entry.get("commit")
-        rev = f"`{_md_cell(revision)}`" if revision else "—"
-        lines.append(f"| {name} | `{_md_cell(entry['source'])}` | {rev} |")
-    return lines
-
-
-def _md_gates(report: dict[str, Any]) -> list[str]:
-    gates = report.get("gates") or []
-    if not gates:
-        return ["No gates were set."]
-    lines = ["| gate | limit | observed | result |", "|---|---:|---:|---|"]
-    for gate in gates:
-        result = "passed" if gate["passed"] else "**FAILED**"
-        lines.append(f"| --{gate['gate']} | {gate['limit']} | {fmt(gate['observed'])} | {result} |")
-    lines += ["", *(f"- {g['message']}" for g in gates)]
-    return lines
-
-
-def _md_layers(report: dict[str, Any], sort: str) -> list[str]:
-    lines = [
-        "| module | layer | r | cosine | projected | ‖V‖ | ‖ΔW‖ | ‖ΔW − CΔW‖ |",
-        "|---|---:|---:|---:|:---:|---:|---:|---:|",
-    ]
-    for row in sorted_layers(report, sort):
-        cosine = fmt(row["cosine"]) if row["cosine"] is not None else f"undefined ({row['undefined_reason']})"
-        cells = [f"`{_md_cell(row['module'])}`", fmt(row["layer_index"]), fmt(row["rank"]), _md_cell(cosine),
-                 fmt(row["selected"]), *(fmt(row[c]) for c in _COLUMNS[5:])]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
-
-
-def to_markdown(report: dict[str, Any], sort: str = "layer") -> str:
-    """A self-contained "## Safe LoRA" section: what was done, to what, with which outcome.
-
-    Used for `--report-md`, `inspect --format markdown` and the patched adapter's model card.
-    """
-    summary, settings = report["summary"], report["settings"]
-    done = ("lora_B of each projected layer was replaced by C·lora_B; lora_A and all other tensors are unchanged."
-            if report["command"] == "patch" else "Nothing was written: these are the layers `patch` would project.")
-    lines = [
-        "## Safe LoRA",
-        "",
-        f"Report of `safelora {report['command']}` (safelora-cli {report['tool']['version']}, Safe LoRA: "
-        f"Hsu et al., NeurIPS 2024). {done}",
-        "",
-        "### Settings",
-        "",
-        f"- Selection: {_rule_text(settings['selection'])}",
-        f"- Projection: {_projection_text(settings['projection'])}",
-        f"- Device: {report['device']}",
-        "",
-        "### Inputs",
-        "",
-        *_md_inputs(report),
-        "",
-        "### Summary",
-        "",
-        f"- Layers: {summary['layers']}; projected: {summary['selected']}; undefined: {summary['undefined']}",
-        f"- Cosine min / median / max: {fmt(summary['cosine_min'])} / {fmt(summary['cosine_median'])} / "
-        f"{fmt(summary['cosine_max'])}",
-        f"- Pdst (the official code's summary, > 0.8 is better): {fmt(summary['pdst'])}",
-        "",
-        "### Gates",
-        "",
-        *_md_gates(report),
-        "",
-        "### Layers",
-        "",
-        *_md_layers(report, sort),
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def write_text(text: str) -> None:
-    sys.stdout.write(text)
-    sys.stdout.flush()
+def sweep_text(report: Report) -> str:
+    parts = [f"τ={e['threshold']:g}: {e['selected']}" for e in report["summary"]["threshold_sweep"]]
+    return f"Layers a threshold would select of {report['summary']['layers']}: " + ", ".join(parts) + "."

@@ -23,7 +23,7 @@ from helpers import run_cli, tree_digest, trio_args
 from safetensors.torch import load_file
 
 from safelora_cli.demo import LlamaShape, write_trio
-from safelora_cli.writer import remove_stale_staging
+from safelora_cli.placement import remove_stale_staging
 
 # Small models but a large adapter (r = 128 on every linear module, ~9 MB): the write takes long
 # enough to be hit.

@@ -1,0 +1,162 @@
+"""Stream the weights once and compute every adapter's layers: cosines, then the selection.
+
+Several adapters on the same base/aligned pair share one pass: each module's W_base and
+W_aligned are read once, V and its projection are formed once, and every adapter that targets
+the module is analysed from them. Nothing here writes or reports; see `pipeline` for the order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from safelora_cli.adapter import Adapter
+from safelora_cli.alignment import AlignmentMatrix
+from safelora_cli.checkpoint import Checkpoint
+from safelora_cli.config import Method, ProjectionSettings
+from safelora_cli.dora import recompute_magnitudes
+from safelora_cli.errors import InputError, SafeLoraError
+from safelora_cli.pairing import LayerPlan
+from safelora_cli.prefetch import Prefetcher, disk_order
+from safelora_cli.projection import LayerMath, Projected, layer_math, project
+from safelora_cli.selection import could_select, select
+
+OnLayer = Callable[[int, int], None]  # (modules done, modules in all)
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    plan: LayerPlan
+    math: LayerMath
+    selected: bool
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """One adapter's outcome: every layer's result, and the tensors a patched adapter replaces.
+
+    `patched` maps adapter keys to their replacements: lora_B of the selected layers, and the
+    recomputed DoRA magnitude vectors of those layers (see `dora`), in the adapter's dtypes.
+    """
+
+    adapter: Adapter
+    layers: list[LayerResult]
+    patched: dict[str, torch.Tensor]
+
+
+@dataclass
+class Job:
+    """One adapter's share of the pass: its plans (layer order) and, as the pass goes, their maths."""
+
+    adapter: Adapter
+    plans: list[LayerPlan]
+    maths: dict[int, LayerMath] = field(default_factory=dict)
+
+    def plans_for(self, key: str) -> list[tuple[int, LayerPlan]]:
+        # Several modules can share a weight (tied embeddings), so this is a list.
+        return [(i, p) for i, p in enumerate(self.plans) if p.weight_key == key]
+
+
+def resolve_device(spec: str) -> torch.device:
+    """`auto` → the first CUDA device when there is one, else the CPU."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise SafeLoraError(f"Unknown device {spec!r}.", hint="Use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SafeLoraError(f"Device {spec} was asked for but no CUDA device is available.",
+                                hint="Use device cpu or auto.")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise SafeLoraError(f"Device {spec}: only {torch.cuda.device_count()} CUDA device(s) exist.")
+    elif device.type != "cpu":
+        raise SafeLoraError(f"Device type {device.type!r} is not supported.", hint="Use auto, cpu or cuda[:N].")
+    return device
+
+
+def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+    for name, tensor in tensors.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise InputError(f"{name} in {where} contains NaN or Inf values.",
+                             hint="The file is corrupted or the training diverged; use a clean copy.")
+
+
+def _project(key: str, w_base: torch.Tensor, w_aligned: torch.Tensor, transposed: bool, bs: list[torch.Tensor],
+             settings: ProjectionSettings, models: tuple[Checkpoint, Checkpoint]) -> Projected:
+    """Project the B's with one weight's V; an error naming the tensor when a weight is not finite."""
+    projected = project(AlignmentMatrix(w_base, w_aligned, transposed), settings, bs)
+    if not math.isfinite(projected.v_norm):
+        # Any NaN/Inf in either weight makes ‖V‖ non-finite; only then pay for finding which.
+        for model, weight in zip(models, (w_base, w_aligned), strict=True):
+            check_finite({key: weight}, f"the {model.label} model {model.root}")
+        raise InputError(f"‖W_aligned − W_base‖ is too large to compute in float32 for {key}.")
+    return projected
+
+
+def _checked(math_: LayerMath, plan: LayerPlan, adapter: Adapter) -> LayerMath:
+    """Refuse results that are not finite (factors near float64's range) or a C·B that does not fit
+    the adapter's dtype: written, it would hold Inf, and the report NaN."""
+    values = (math_.cosine or 0.0, math_.delta_norm, math_.residual_norm, math_.b_distance or 0.0)
+    if not all(math.isfinite(v) for v in values):
+        raise InputError(f"The LoRA factors of {plan.module} in {adapter.path} are too large to analyse "
+                         "(‖B·A‖ overflows float64).", hint="The training diverged; use a clean checkpoint.")
+    cb = math_.projected_b
+    if cb is not None:
+        dtype = adapter.tensors[plan.b_key].dtype
+        if dtype.is_floating_point and bool(cb.abs().max() > torch.finfo(dtype).max):
+            raise InputError(f"C·lora_B of {plan.module} exceeds the range of the adapter's {dtype} "
+                             f"(largest entry {float(cb.abs().max()):.4g}); writing it would store Inf.",
+                             hint="Convert the adapter to float32 or bfloat16 (e.g. with PEFT) and patch again.")
+    return math_
+
+
+def _analyze_weight(key: str, w_base: torch.Tensor, w_aligned: torch.Tensor, jobs: list[Job],
+                    models: tuple[Checkpoint, Checkpoint], method: Method) -> None:
+    """Every adapter's layers on one weight: V and its projection once, the B's side by side."""
+    targets = [(job, i, plan) for job in jobs for i, plan in job.plans_for(key)]
+    for transposed in sorted({plan.transposed for _, _, plan in targets}):
+        group = [t for t in targets if t[2].transposed == transposed]
+        bs = [job.adapter.tensors[plan.b_key].to(w_base.device, torch.float32) for job, _, plan in group]
+        projected = _project(key, w_base, w_aligned, transposed, bs, method.projection, models)
+        cbs: list[torch.Tensor | None] = list(projected.cbs) if projected.cbs is not None else [None] * len(group)
+        for (job, i, plan), cb in zip(group, cbs, strict=True):
+            lora_a, lora_b = job.adapter.tensors[plan.a_key], job.adapter.tensors[plan.b_key]
+            math_ = _checked(layer_math(projected, lora_a, lora_b, cb), plan, job.adapter)
+            if math_.projected_b is not None:
+                # Keep C·B only where it may be used, in the adapter's own dtype on the host: never
+                # more memory than the adapter's B's.
+                kept = could_select(math_.cosine, method.selection)
+                math_ = replace(math_, projected_b=math_.projected_b.to("cpu", lora_b.dtype).contiguous()
+                                if kept else None)
+            job.maths[i] = math_
+
+
+def analyze(jobs: list[Job], base: Checkpoint, aligned: Checkpoint, method: Method, device: torch.device,
+            on_layer: OnLayer | None = None) -> list[Analysis]:
+    """Analyse every job's layers in one pass over the weights, then select each job's layers."""
+    for job in jobs:
+        for plan in job.plans:
+            check_finite({k: job.adapter.tensors[k] for k in (plan.a_key, plan.b_key)}, f"the adapter {job.adapter.path}")
+    keys = disk_order(sorted({p.weight_key for job in jobs for p in job.plans}), base)
+    with Prefetcher(keys, base, aligned, device) as fetched:
+        for done, item in enumerate(fetched, start=1):
+            _analyze_weight(item.key, *item.wait(), jobs, (base, aligned), method)
+            if on_layer is not None:
+                on_layer(done, len(keys))
+    return [_finish(job, aligned, method, device) for job in jobs]
+
+
+def _finish(job: Job, aligned: Checkpoint, method: Method, device: torch.device) -> Analysis:
+    """Select layers (in layer order, which breaks top-K ties) and collect the patched tensors."""
+    maths = [job.maths[i] for i in range(len(job.plans))]
+    flags = select([m.cosine for m in maths], method.selection)
+    layers = [LayerResult(p, m, f) for p, m, f in zip(job.plans, maths, flags, strict=True)]
+    patched = {r.plan.b_key: r.math.projected_b for r in layers if r.selected and r.math.projected_b is not None}
+    projected = [(r.plan, patched[r.plan.b_key]) for r in layers if r.plan.b_key in patched]
+    patched.update(recompute_magnitudes(projected, job.adapter.tensors, aligned, device))
+    return Analysis(job.adapter, layers, patched)

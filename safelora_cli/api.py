@@ -1,0 +1,116 @@
+"""The Python API: `safelora_cli.patch(...)` and `safelora_cli.inspect(...)`.
+
+Keyword arguments are named like the CLI flags. Both return a `Result` whose `.reports` are the
+JSON documents `--json` prints and whose gate verdicts are data (`.passed`, `.failed_gates`);
+they raise `SafeLoraError` subclasses for anything a caller can fix, never exit, and print
+nothing: progress and warnings go to the callbacks given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from os import PathLike
+from pathlib import Path
+
+from safelora_cli.config import Inputs, Method, Outputs, Projection, ProjectionSettings, SelectionRule, SvdMethod
+from safelora_cli.gates import Gates, parse_selected_limit
+from safelora_cli.result import Result
+
+StrPath = str | PathLike[str]
+OnProgress = Callable[[int, int], None]  # (weights done, weights in all)
+OnWarning = Callable[[str], None]
+
+
+def _inputs(base: StrPath, adapter: StrPath | Sequence[StrPath], aligned: StrPath | None,
+            revisions: tuple[str | None, str | None, str | None], adapter_name: str | None,
+            key_map: Sequence[str] | str | None, token: str | None) -> Inputs:
+    adapters = [adapter] if isinstance(adapter, str | PathLike) else list(adapter)
+    rules = [key_map] if isinstance(key_map, str) else list(key_map or ())
+    return Inputs(base=str(base), adapters=tuple(str(a) for a in adapters),
+                  aligned=None if aligned is None else str(aligned), base_revision=revisions[0],
+                  aligned_revision=revisions[1], adapter_revision=revisions[2], adapter_name=adapter_name,
+                  key_map=tuple(rules), token=token)
+
+
+def _method(threshold: float | None, top_k: int | None, projection: Projection | str, rank: int | None,
+            energy: float | None, svd: SvdMethod | str, device: str) -> Method:
+    # ProjectionSettings turns the strings into the enums, with a clear error for others.
+    settings = ProjectionSettings(projection, rank, energy, svd)  # type: ignore[arg-type]
+    return Method(selection=SelectionRule.of(threshold, top_k), projection=settings, device=device)
+
+
+def _gates(max_selected: int | str | None, fail_below: float | None) -> Gates:
+    limit = None if max_selected is None else parse_selected_limit(str(max_selected))
+    return Gates(max_selected=limit, fail_below=fail_below)
+
+
+def patch(*, base: StrPath, adapter: StrPath | Sequence[StrPath], out: StrPath, aligned: StrPath | None = None,
+          threshold: float | None = None, top_k: int | None = None, projection: Projection | str = "approx",
+          rank: int | None = None, energy: float | None = None, svd: SvdMethod | str = "auto",
+          device: str = "auto", key_map: Sequence[str] | str | None = None, adapter_name: str | None = None,
+          base_revision: str | None = None, aligned_revision: str | None = None,
+          adapter_revision: str | None = None, token: str | None = None, force: bool = False,
+          report_md: StrPath | None = None, plot: StrPath | None = None, max_selected: int | str | None = None,
+          fail_below: float | None = None, on_progress: OnProgress | None = None,
+          on_warning: OnWarning | None = None) -> Result:
+    """Write a patched copy of each adapter, with its report. See docs/api.md.
+
+    Args:
+        base: the base (unaligned) model: a local directory or a Hub id `org/name[@revision]`.
+        adapter: a PEFT LoRA adapter (directory or Hub id), or a list of them sharing base and aligned;
+            with several, each is written to `out/<its directory name>`.
+        out: the directory to create for the patched adapter.
+        aligned: the safety-aligned model; default: the adapter config's `base_model_name_or_path`.
+        threshold, top_k: the selection rule (cosine ≤ threshold, default 0.5; or the top_k lowest).
+        projection, rank, energy, svd: "approx" (the paper's C) or "exact" with a rank or energy.
+        device: "auto", "cpu", "cuda" or "cuda:N".
+        key_map: `REGEX=REPLACEMENT` rules applied to adapter module names before lookup.
+        adapter_name: which of several adapters saved in one directory.
+        base_revision, aligned_revision, adapter_revision, token: Hub access.
+        force: replace an existing `out` (only an empty directory or an earlier patched adapter).
+        report_md, plot: also write the report as Markdown, and a PNG of cosines (needs matplotlib).
+        max_selected, fail_below: gates (a count or "N%", and a cosine); verdicts are in the result.
+        on_progress: called with (weights done, weights in all) as the pass goes.
+        on_warning: called with each warning (also collected in `Result.warnings`).
+
+    Raises:
+        SafeLoraError: (InputError, OutputError, UsageError, …) with a message and a hint.
+    """
+    from safelora_cli import pipeline
+
+    return pipeline.run(
+        "patch",
+        _inputs(base, adapter, aligned, (base_revision, aligned_revision, adapter_revision), adapter_name,
+                key_map, token),
+        _method(threshold, top_k, projection, rank, energy, svd, device),
+        Outputs(out=Path(out), force=force, report_md=_path(report_md), plot=_path(plot)),
+        _gates(max_selected, fail_below), on_layer=on_progress, warn=on_warning,
+    )
+
+
+def inspect(*, base: StrPath, adapter: StrPath | Sequence[StrPath], aligned: StrPath | None = None,
+            threshold: float | None = None, top_k: int | None = None, projection: Projection | str = "approx",
+            rank: int | None = None, energy: float | None = None, svd: SvdMethod | str = "auto",
+            device: str = "auto", key_map: Sequence[str] | str | None = None, adapter_name: str | None = None,
+            base_revision: str | None = None, aligned_revision: str | None = None,
+            adapter_revision: str | None = None, token: str | None = None, report_md: StrPath | None = None,
+            plot: StrPath | None = None, max_selected: int | str | None = None, fail_below: float | None = None,
+            on_progress: OnProgress | None = None, on_warning: OnWarning | None = None) -> Result:
+    """Per-layer similarities and the layers a rule would select; writes only `report_md` and `plot`.
+
+    Arguments as for `patch`, without `out` and `force`.
+    """
+    from safelora_cli import pipeline
+
+    return pipeline.run(
+        "inspect",
+        _inputs(base, adapter, aligned, (base_revision, aligned_revision, adapter_revision), adapter_name,
+                key_map, token),
+        _method(threshold, top_k, projection, rank, energy, svd, device),
+        Outputs(report_md=_path(report_md), plot=_path(plot)),
+        _gates(max_selected, fail_below), on_layer=on_progress, warn=on_warning,
+    )
+
+
+def _path(value: StrPath | None) -> Path | None:
+    return None if value is None else Path(value)

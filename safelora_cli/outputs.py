@@ -1,0 +1,182 @@
+"""Every path a run will write, checked once, before anything is read in earnest.
+
+The rule: after expanding `~` and resolving links, a written path never equals, contains or lies
+inside an input (base, aligned, every adapter, the Hub cache), nor another written path. An
+existing output directory is replaced only with `force`, and only when it is empty or a
+previous `safelora patch` wrote it (it holds that run's report); its identity is recorded so
+that the final rename can refuse a directory that changed in the meantime (see `placement`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from safelora_cli.errors import OutputError, UsageError
+
+REPORT_NAME = "safelora_report.json"
+# Room for the staging suffix `.partial-PID-XXXXXXXX` beside an output name (see placement).
+STAGING_ROOM = 32
+
+
+@dataclass(frozen=True)
+class Target:
+    """One path to write. `existed` is the (device, inode) of the directory found there, if any."""
+
+    path: Path
+    label: str  # how messages name it: "--out", "--report-md", "--plot", "--out/<name>"
+    existed: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    adapter_dirs: list[Target]  # one per adapter (patch), empty for inspect
+    report_md: Target | None
+    plots: list[Target]
+
+    def all(self) -> list[Target]:
+        return [*self.adapter_dirs, *([self.report_md] if self.report_md else []), *self.plots]
+
+
+def adapter_dir_names(adapters: list[str]) -> list[str]:
+    """Subdirectory names under --out for several adapters: each adapter's directory or repo name."""
+    names = [Path(a.rstrip("/")).name or a for a in adapters]
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        raise UsageError(f"Several adapters end in the same name ({', '.join(clashes)}); their outputs would "
+                         "collide under --out.", hint="Patch them in separate runs with their own --out.")
+    return names
+
+
+def _within(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def _check_name(path: Path, label: str) -> None:
+    """Names the file system would refuse, caught before any work rather than after the analysis."""
+    for part in path.parts:
+        size = len(os.fsencode(part))
+        if size + (STAGING_ROOM if part == path.name else 0) > 255:
+            raise OutputError(f"{label} {path}: the name {part[:40]}… is {size} bytes; file names may hold at most "
+                              f"{255 - STAGING_ROOM} bytes here (255 with room for the temporary name).",
+                              hint="Choose a shorter name.")
+
+
+def _nearest_existing(path: Path) -> Path:
+    parent = path
+    while not os.path.lexists(parent):
+        parent = parent.parent
+    return parent
+
+
+def _check_parent(target: Path, label: str) -> None:
+    parent = _nearest_existing(target.parent)
+    if not parent.is_dir():
+        raise OutputError(f"{label} {target}: {parent} is a file, not a directory.", hint="Choose another path.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"Permission denied: cannot create {target} in {parent}.")
+
+
+def written_by_safelora(directory: Path) -> bool:
+    """Whether `directory` holds the report a previous `safelora patch` wrote."""
+    try:
+        report = json.loads((directory / REPORT_NAME).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(report, dict) and report.get("command") == "patch" and \
+        isinstance(report.get("tool"), dict) and report["tool"].get("name") == "safelora-cli"
+
+
+def _adapter_dir(path: Path, label: str, force: bool) -> Target:
+    _check_name(path, label)
+    if path.is_symlink():
+        raise OutputError(f"{label} {path} is a symbolic link; outputs are never written through links.",
+                          hint="Choose a new directory.")
+    if not path.exists():
+        _check_parent(path, label)
+        return Target(path, label)
+    if not path.is_dir():
+        raise OutputError(f"{label} {path} exists and is not a directory.", hint="Choose a new directory.")
+    if not force:
+        raise OutputError(f"{label} {path} already exists.", hint="Pass --force to replace it, or choose another.")
+    try:
+        empty = not any(path.iterdir())
+    except OSError as exc:
+        raise OutputError(f"Cannot list {label} {path}: {exc.strerror}.") from None
+    if not empty and not written_by_safelora(path):
+        raise OutputError(f"{label} {path} exists and was not written by safelora patch (it holds no "
+                          f"{REPORT_NAME}); --force only replaces an empty directory or a patched adapter.",
+                          hint="Choose a new directory, or remove it yourself if it is really disposable.")
+    _check_parent(path, label)
+    info = os.stat(path)
+    return Target(path, label, (info.st_dev, info.st_ino))
+
+
+def _side_file(path: Path, label: str) -> Target:
+    _check_name(path, label)
+    if path.is_symlink():
+        raise OutputError(f"{label} {path} is a symbolic link; outputs are never written through links.",
+                          hint="Choose another file name.")
+    if path.is_dir():
+        raise OutputError(f"{label} {path} is a directory; expected a file name.", hint="Add a file name.")
+    if path.exists() and not stat.S_ISREG(os.stat(path).st_mode):
+        raise OutputError(f"{label} {path} exists and is not a regular file.", hint="Choose another file name.")
+    _check_parent(path, label)
+    return Target(path, label)
+
+
+def _check_against(targets: list[Target], inputs: dict[str, Path]) -> None:
+    """No written path at, inside or around an input, or around another written path."""
+    resolved = [(t, t.path.resolve()) for t in targets]
+    for target, where in resolved:
+        for name, source in inputs.items():
+            if _within(where, source):
+                raise OutputError(f"{target.label} {target.path} lies in the {name} ({source}); inputs are never "
+                                  "modified.", hint="Write it somewhere outside the inputs.")
+            if _within(source, where):
+                raise OutputError(f"{target.label} {target.path} contains the {name} ({source}); replacing it "
+                                  "would delete an input.", hint="Choose a directory elsewhere.")
+    for i, (first, a) in enumerate(resolved):
+        for second, b in resolved[i + 1:]:
+            if _within(a, b) or _within(b, a):
+                raise OutputError(f"{first.label} {first.path} and {second.label} {second.path} overlap; each "
+                                  "output needs its own place.", hint="Write them to separate paths.")
+
+
+def plan_outputs(out: Path | None, force: bool, report_md: Path | None, plot: Path | None,
+                 adapters: list[str], inputs: dict[str, Path]) -> OutputPlan:
+    """Check and name every path the run writes.
+
+    Args:
+        out: the patched adapter's directory (None for inspect); with several adapters, the
+            directory holding one subdirectory per adapter.
+        force: whether an existing output directory may be replaced (see the module docstring).
+        report_md, plot: the optional side files; with several adapters, one plot each.
+        adapters: the adapter specs, for the subdirectory names.
+        inputs: what must never be written: a description → a resolved directory.
+
+    Raises:
+        OutputError, UsageError: naming the path and what to do instead.
+    """
+    dirs: list[Target] = []
+    if out is not None:
+        if len(adapters) == 1:
+            dirs = [_adapter_dir(out, "--out", force)]
+        else:
+            if out.exists() and not out.is_dir():
+                raise OutputError(f"--out {out} exists and is not a directory.", hint="Choose a new directory.")
+            dirs = [_adapter_dir(out / name, f"--out/{name}", force) for name in adapter_dir_names(adapters)]
+    md = _side_file(report_md, "--report-md") if report_md is not None else None
+    plots: list[Target] = []
+    if plot is not None:
+        if len(adapters) == 1:
+            plots = [_side_file(plot, "--plot")]
+        else:
+            plots = [_side_file(plot.with_name(f"{plot.stem}-{name}{plot.suffix}"), "--plot")
+                     for name in adapter_dir_names(adapters)]
+    plan = OutputPlan(dirs, md, plots)
+    _check_against(plan.all(), inputs)
+    return plan
