@@ -19,24 +19,38 @@ _FRONT = re.compile(r"\A---\n(.*?\n)?---\n", re.DOTALL)
 _TOP_KEY = re.compile(r"^([A-Za-z_][\w-]*):")
 
 
-def _front_matter(existing: str, defaults: dict[str, str]) -> str:
-    """`existing` front matter (YAML lines) with the keys it lacks added and our tags appended.
+def _drop_key(lines: list[str], key: str) -> list[str]:
+    """`lines` without the top-level `key` and the indented or list lines that belong to it."""
+    out, skipping = [], False
+    for line in lines:
+        if _TOP_KEY.match(line):
+            skipping = line.startswith(f"{key}:")
+        elif not line.startswith((" ", "-")):
+            skipping = False
+        if not skipping:
+            out.append(line)
+    return out
 
-    Only top-level keys are looked at: a card's own values (e.g. PEFT's `base_model`) are kept.
+
+def _front_matter(existing: str, base_model: str) -> str:
+    """`existing` front matter (YAML lines) naming `base_model` (the model the patched adapter
+    applies to), with PEFT's library name and our tags added where missing.
+
+    Only top-level keys are looked at, and only `base_model` is replaced: PEFT writes the local
+    path it trained from there, which a published card should not carry.
     """
-    lines = existing.splitlines()
+    lines = _drop_key(existing.splitlines(), "base_model")
     keys = {m.group(1) for line in lines if (m := _TOP_KEY.match(line))}
-    out = list(lines)
-    for key, value in defaults.items():
-        if key not in keys:
-            out.append(f"{key}: {value}")
+    out = [f"base_model: {base_model}", *lines]
+    out += [f"{key}: {value}" for key, value in (("base_model_relation", "adapter"), ("library_name", "peft"))
+            if key not in keys]
     if "tags" in keys:
         start = next(i for i, line in enumerate(out) if line.startswith("tags:"))
         end = start + 1
-        while end < len(out) and out[end].startswith(("- ", "  -")):
+        while end < len(out) and out[end].lstrip().startswith("- "):
             end += 1
         present = {line.split("-", 1)[1].strip() for line in out[start + 1:end]}
-        if out[start].strip() == "tags:":
+        if out[start].strip() == "tags:":  # a block list; a flow list `[a, b]` is left as it is
             out[end:end] = [f"- {tag}" for tag in TAGS if tag not in present]
     else:
         out += ["tags:", *(f"- {tag}" for tag in TAGS)]
@@ -45,8 +59,6 @@ def _front_matter(existing: str, defaults: dict[str, str]) -> str:
 
 def model_card(existing: str | None, report: Report, adapter_title: str) -> str:
     """The adapter's README.md with front matter completed and its Safe LoRA section added or replaced."""
-    defaults = {"base_model": public_source(report["inputs"]["aligned"]),
-                "base_model_relation": "adapter", "library_name": "peft"}
     card = existing if existing is not None else ""
     match = _FRONT.match(card)
     front, body = (match.group(1) or "", card[match.end():]) if match else ("", card)
@@ -56,4 +68,4 @@ def model_card(existing: str | None, report: Report, adapter_title: str) -> str:
     if not body.strip():
         body = f"# {adapter_title}\n\nA PEFT LoRA adapter, patched with Safe LoRA.\n"
     section = to_markdown(report, public=True)
-    return f"{_front_matter(front, defaults)}\n{body.strip()}\n\n{CARD_BEGIN}\n{section}{CARD_END}\n"
+    return f"{_front_matter(front, public_source(report['inputs']['aligned']))}\n{body.strip()}\n\n{CARD_BEGIN}\n{section}{CARD_END}\n"

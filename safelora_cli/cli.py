@@ -54,7 +54,7 @@ BaseOpt = Annotated[str, _opt("--base", metavar=SOURCE, help="Base (unaligned) m
                               "directory (safetensors or .bin, single or sharded) or a Hub id.")]
 AlignedOpt = Annotated[Optional[str], _opt(  # noqa: UP045 - typer needs Optional on 3.10
     "--aligned", metavar=SOURCE, help="Safety-aligned model the adapter was trained on, e.g. Llama-2-7b-chat. "
-    "Default: the adapter config's base_model_name_or_path (and revision).")]
+    "Default: the model the adapter's config names (base_model_name_or_path).")]
 AdapterOpt = Annotated[list[str], _opt(
     "--adapter", metavar=SOURCE, help="PEFT LoRA adapter: a directory or a Hub id. Repeat it to analyse several "
     "adapters of the same base and aligned models in one pass over the weights.")]
@@ -86,12 +86,12 @@ AdapterNameOpt = Annotated[Optional[str], _opt(  # noqa: UP045
     "non-default adapter in a subfolder named after it).")]
 KeyMapOpt = Annotated[Optional[list[str]], _opt(  # noqa: UP045
     "--key-map", metavar="REGEX=REPLACEMENT", help="Rewrite adapter module names before looking up their weights, "
-    "e.g. '^backbone\\.=model.'. Repeatable; applied in order.")]
+    "e.g. `'^backbone\\.=model.'`. Repeatable; applied in order.")]
 DeviceOpt = Annotated[str, typer.Option("--device", metavar="DEVICE", help="auto (GPU when present), cpu, cuda or "
                                         "cuda:N.")]
-JsonOpt = Annotated[bool, _opt("--json", help="Print the report as JSON on stdout (several adapters: an array).")]
+JsonOpt = Annotated[bool, _opt("--json", metavar="", help="Print the report as JSON on stdout (several adapters: an array).")]
 SortOpt = Annotated[SortKey, typer.Option("--sort", help="Row order of the layer table.")]
-QuietOpt = Annotated[bool, _opt("--quiet", "-q", help="Print nothing but errors on stderr.")]
+QuietOpt = Annotated[bool, _opt("--quiet", "-q", metavar="", help="Print nothing but errors on stderr.")]
 MaxSelectedOpt = Annotated[Optional[str], _opt(  # noqa: UP045
     "--max-selected", metavar="N|N%", help="Gate: exit 3 when the rule selects more than N layers, or more than N% "
     "of them (a sign the fine-tune drifted far from the aligned model). Outputs are still written.")]
@@ -186,10 +186,10 @@ _PATCH_HELP = (
     "(--max-selected, --fail-below) failed after the outputs were written; 129, 130, 143 stopped by SIGHUP, "
     "Ctrl-C, SIGTERM (nothing is written).\n\n"
     "Examples:\n\n"
-    "    safelora patch --base ./llama-2-7b --aligned ./llama-2-7b-chat --adapter ./my-lora --out ./my-lora-safe\n\n"
-    "    safelora patch --base ./base --aligned ./chat --adapter ./my-lora --out ./safe --max-selected 20% --json\n\n"
-    "    safelora patch --base meta-llama/Llama-2-7b-hf --aligned meta-llama/Llama-2-7b-chat-hf@main "
-    "--adapter my-org/my-lora --out ./my-lora-safe\n"
+    "    safelora patch --base ./base --aligned ./chat --adapter ./lora --out ./safe\n\n"
+    "    safelora patch --base ./base --adapter ./lora --out ./safe --top-k 10\n\n"
+    "    safelora patch --base ./base --adapter ./lora --out ./safe --max-selected 20%\n\n"
+    "    safelora patch --base meta-llama/Llama-2-7b-hf --adapter org/lora --out safe\n"
 )
 
 
@@ -198,7 +198,7 @@ def patch(
     base: BaseOpt,
     adapter: AdapterOpt,
     out: Annotated[Path, _opt("--out", metavar="DIR", help="Directory to create for the patched adapter; with "
-                              "several --adapter, each goes to DIR/<adapter directory name>.")],
+                              "several --adapter, each goes to DIR/NAME, NAME being the adapter's directory name.")],
     aligned: AlignedOpt = None,
     base_revision: BaseRevisionOpt = None,
     aligned_revision: AlignedRevisionOpt = None,
@@ -211,7 +211,7 @@ def patch(
     energy: EnergyOpt = None,
     svd: SvdOpt = SvdMethod.AUTO,
     device: DeviceOpt = "auto",
-    force: Annotated[bool, _opt("--force", help="Replace --out if it is empty or an earlier patched adapter.")] = False,
+    force: Annotated[bool, _opt("--force", metavar="", help="Replace --out if it is empty or an earlier patched adapter.")] = False,
     adapter_name: AdapterNameOpt = None,
     key_map: KeyMapOpt = None,
     json_out: JsonOpt = False,
@@ -246,9 +246,10 @@ _INSPECT_HELP = (
     "Only the files named by --report-md and --plot are written. Exit codes: 0 success; 1 bad input; 2 wrong "
     "usage; 3 a gate (--max-selected, --fail-below) failed; 129, 130, 143 stopped by a signal.\n\n"
     "Examples:\n\n"
-    "    safelora inspect --base ./llama-2-7b --aligned ./llama-2-7b-chat --adapter ./my-lora --json\n\n"
-    "    safelora inspect --base ./base --aligned ./chat --adapter ./my-lora --fail-below 0.2 --plot cosines.png\n\n"
-    "    HF_HUB_OFFLINE=1 safelora inspect --base meta-llama/Llama-2-7b-hf --adapter my-org/my-lora\n"
+    "    safelora inspect --base ./base --aligned ./chat --adapter ./lora\n\n"
+    "    safelora inspect --base ./base --adapter ./lora --json > report.json\n\n"
+    "    safelora inspect --base ./base --adapter ./lora --fail-below 0.2\n\n"
+    "    HF_HUB_OFFLINE=1 safelora inspect --base org/base --adapter org/lora\n"
 )
 
 

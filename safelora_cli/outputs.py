@@ -91,7 +91,6 @@ def written_by_safelora(directory: Path) -> bool:
 
 
 def _adapter_dir(path: Path, label: str, force: bool) -> Target:
-    _check_name(path, label)
     if path.is_symlink():
         raise OutputError(f"{label} {path} is a symbolic link; outputs are never written through links.",
                           hint="Choose a new directory.")
@@ -116,7 +115,6 @@ def _adapter_dir(path: Path, label: str, force: bool) -> Target:
 
 
 def _side_file(path: Path, label: str) -> Target:
-    _check_name(path, label)
     if path.is_symlink():
         raise OutputError(f"{label} {path} is a symbolic link; outputs are never written through links.",
                           hint="Choose another file name.")
@@ -133,17 +131,25 @@ def _check_against(targets: list[Target], inputs: dict[str, Path]) -> None:
     resolved = [(t, t.path.resolve()) for t in targets]
     for target, where in resolved:
         for name, source in inputs.items():
+            if where == source:
+                raise OutputError(f"{target.label} {target.path} is the {name}; inputs are never modified.",
+                                  hint="Choose a new path.")
             if _within(where, source):
-                raise OutputError(f"{target.label} {target.path} lies in the {name} ({source}); inputs are never "
-                                  "modified.", hint="Write it somewhere outside the inputs.")
-            if _within(source, where):
+                raise OutputError(f"{target.label} {target.path} lies inside the {name} ({source}); inputs are "
+                                  "never modified.", hint="Write it somewhere outside the inputs.")
+            if _is_dir(target) and _within(source, where):
                 raise OutputError(f"{target.label} {target.path} contains the {name} ({source}); replacing it "
                                   "would delete an input.", hint="Choose a directory elsewhere.")
     for i, (first, a) in enumerate(resolved):
         for second, b in resolved[i + 1:]:
-            if _within(a, b) or _within(b, a):
+            nested = (_within(a, b) and _is_dir(second)) or (_within(b, a) and _is_dir(first))
+            if a == b or nested:
                 raise OutputError(f"{first.label} {first.path} and {second.label} {second.path} overlap; each "
                                   "output needs its own place.", hint="Write them to separate paths.")
+
+
+def _is_dir(target: Target) -> bool:
+    return target.label.startswith("--out")
 
 
 def plan_outputs(out: Path | None, force: bool, report_md: Path | None, plot: Path | None,
@@ -162,21 +168,20 @@ def plan_outputs(out: Path | None, force: bool, report_md: Path | None, plot: Pa
         OutputError, UsageError: naming the path and what to do instead.
     """
     dirs: list[Target] = []
+    if out is not None and len(adapters) > 1 and out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} exists and is not a directory.", hint="Choose a new directory.")
     if out is not None:
-        if len(adapters) == 1:
-            dirs = [_adapter_dir(out, "--out", force)]
-        else:
-            if out.exists() and not out.is_dir():
-                raise OutputError(f"--out {out} exists and is not a directory.", hint="Choose a new directory.")
-            dirs = [_adapter_dir(out / name, f"--out/{name}", force) for name in adapter_dir_names(adapters)]
-    md = _side_file(report_md, "--report-md") if report_md is not None else None
+        names = adapter_dir_names(adapters) if len(adapters) > 1 else []
+        dirs = [Target(out, "--out")] if not names else [Target(out / n, f"--out/{n}") for n in names]
+    md = Target(report_md, "--report-md") if report_md is not None else None
     plots: list[Target] = []
     if plot is not None:
-        if len(adapters) == 1:
-            plots = [_side_file(plot, "--plot")]
-        else:
-            plots = [_side_file(plot.with_name(f"{plot.stem}-{name}{plot.suffix}"), "--plot")
-                     for name in adapter_dir_names(adapters)]
-    plan = OutputPlan(dirs, md, plots)
-    _check_against(plan.all(), inputs)
-    return plan
+        names = adapter_dir_names(adapters) if len(adapters) > 1 else []
+        plots = [Target(plot, "--plot")] if not names else \
+            [Target(plot.with_name(f"{plot.stem}-{n}{plot.suffix}"), "--plot") for n in names]
+    for target in OutputPlan(dirs, md, plots).all():
+        _check_name(target.path, target.label)
+    _check_against(OutputPlan(dirs, md, plots).all(), inputs)
+    return OutputPlan([_adapter_dir(t.path, t.label, force) for t in dirs],
+                      _side_file(md.path, md.label) if md is not None else None,
+                      [_side_file(t.path, t.label) for t in plots])

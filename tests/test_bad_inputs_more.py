@@ -20,7 +20,7 @@ from helpers import run_cli, tree_digest
 from safetensors.torch import load_file, save_file
 from test_bad_inputs import copy_trio, edit_tensors, set_adapter_config
 
-from safelora_cli import writer
+from safelora_cli import outputs, placement, writer
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 # Rows handled by other test modules (named in the table) rather than here.
@@ -187,9 +187,9 @@ SCENARIOS: dict[str, Callable[[Ctx], list[object]]] = {
     "out-exists": lambda c: c.out.mkdir() or c.patch(),
     "out-parent-is-file": lambda c: _write(c.tmp / "file", "x") or c.patch(out=c.tmp / "file" / "out"),
     # Simulated: the OS reports the parent as not writable (root ignores chmod in CI).
-    "out-parent-not-writable": lambda c: c.mp.setattr(writer.os, "access", lambda *a: False) or c.patch(),
+    "out-parent-not-writable": lambda c: c.mp.setattr(outputs.os, "access", lambda *a: False) or c.patch(),
     # Simulated: creating the staging directory is refused after the checks passed (a race, or an ACL).
-    "out-create-denied": lambda c: c.mp.setattr(writer.tempfile, "mkdtemp", _no_mkdtemp) or c.patch(),
+    "out-create-denied": lambda c: c.mp.setattr(placement.tempfile, "mkdtemp", _no_mkdtemp) or c.patch(),
     # Simulated: the disk fills up while the weights are written.
     "disk-full": lambda c: c.mp.setattr(writer, "write_safetensors", _enospc) or c.patch(),
     "report-md-is-dir": lambda c: c.patch("--report-md", c.tmp),

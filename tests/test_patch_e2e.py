@@ -77,8 +77,8 @@ def test_other_files_are_copied_byte_for_byte(llama_trio, tmp_path: Path) -> Non
     for name in source.keys() - {"adapter_model.safetensors", "README.md"}:
         assert copied[name] == source[name], name
     # The model card is the input's, followed by the Safe LoRA section.
-    card = (out / "README.md").read_bytes()
-    assert card.startswith((llama_trio.adapter / "README.md").read_bytes().rstrip())
+    body = (llama_trio.adapter / "README.md").read_text().split("---\n", 2)[2]
+    assert body.strip() in (out / "README.md").read_text()
 
 
 def test_inputs_are_never_modified(sharded_trio, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -127,14 +127,31 @@ def test_demo_trio_projects_the_unaligned_layers(demo_trio, tmp_path: Path) -> N
         assert row["selected"] == (row["layer_index"] % 2 == 1), row
 
 
-def test_force_replaces_an_existing_output(llama_trio, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_force_replaces_an_earlier_patched_adapter(llama_trio, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "patched"
+    patch(llama_trio, out)
+    (out / "stale.txt").write_text("old")
+    patch(llama_trio, out, "--force", "--threshold", "0.9")
+    assert not (out / "stale.txt").exists()
+    assert json.loads((out / REPORT_NAME).read_text())["settings"]["selection"]["threshold"] == 0.9
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_force_replaces_an_empty_directory(llama_trio, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "patched"
     out.mkdir()
-    (out / "stale.txt").write_text("old")
     patch(llama_trio, out, "--force")
-    assert not (out / "stale.txt").exists()
     assert (out / "adapter_model.safetensors").is_file()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_force_refuses_a_directory_it_did_not_write(llama_trio, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("precious")
+    result = run_cli("patch", *trio_args(llama_trio), "--out", out, "--force")
+    assert result.exit_code == 1
+    assert "was not written by safelora patch" in result.stderr
+    assert (out / "notes.txt").read_text() == "precious" and len(list(out.iterdir())) == 1
 
 
 def test_json_flag_prints_only_the_report_on_stdout(llama_trio, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

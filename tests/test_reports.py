@@ -100,6 +100,7 @@ def test_report_md_file_is_the_markdown_rendering(llama_trio: Trio, tmp_path: Pa
 
 def test_markdown_shows_revisions_and_undefined_reasons() -> None:
     row = {"module": "m.layers.0.q_proj", "layer_index": 0, "rank": 4, "cosine": None, "selected": False,
+           "update_retained": 1.0,
            "undefined_reason": "the LoRA update is zero", "v_norm": 1.0, "delta_norm": 0.0, "residual_norm": 0.0}
     report = {
         "command": "inspect", "tool": {"version": "9"}, "device": "cpu", "gates": [],
@@ -108,7 +109,8 @@ def test_markdown_shows_revisions_and_undefined_reasons() -> None:
         "inputs": {"base": {"source": "org/base", "path": "/c", "revision": "abc123"},
                    "aligned": {"source": "a|b", "path": "/d"}, "adapter": {"source": "x", "path": "/e"}},
         "summary": {"layers": 1, "selected": 0, "undefined": 1, "cosine_min": None, "cosine_median": None,
-                    "cosine_max": None, "pdst": None},
+                    "cosine_max": None, "update_retained_min": None, "update_retained_max": None,
+                    "threshold_sweep": [{"threshold": 0.5, "selected": 0}], "pdst": None},
         "layers": [row],
     }
     text = to_markdown(report)
@@ -125,7 +127,15 @@ def test_model_card_gets_a_section_and_the_input_card_is_untouched(llama_trio: T
     assert run_cli("patch", *trio_args(llama_trio), "--out", out, "--device", "cpu").exit_code == 0
     card = (out / "README.md").read_text()
     report = json.loads((out / REPORT_NAME).read_text())
-    assert card == before.decode().rstrip() + f"\n\n{CARD_BEGIN}\n{to_markdown(report)}{CARD_END}\n"
+    front, body = before.decode().split("---\n", 2)[1:]
+    # The card is published: the front matter names the aligned model by its directory name, not a path.
+    assert card.startswith(f"---\nbase_model: {llama_trio.aligned.name}\n")
+    assert "base_model_relation: adapter\n" in card and "- safe-lora\n" in card
+    assert str(llama_trio.aligned) not in card and str(llama_trio.base) not in card
+    # Every other line of the input's front matter is kept, then its body, then our section.
+    kept = [line for line in front.splitlines() if not line.startswith("base_model")]
+    assert all(line in card.split("---\n", 2)[1].splitlines() for line in kept)
+    assert card.endswith(body.strip() + f"\n\n{CARD_BEGIN}\n{to_markdown(report, public=True)}{CARD_END}\n")
     assert (llama_trio.adapter / "README.md").read_bytes() == before
 
 
@@ -133,7 +143,9 @@ def test_model_card_is_created_when_absent_and_replaced_when_repatched(degenerat
     first, second = tmp_path / "first", tmp_path / "second"
     assert run_cli("patch", *trio_args(degenerate_trio), "--out", first, "--device", "cpu").exit_code == 0
     card = (first / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: peft\n")
+    assert card.startswith(f"---\nbase_model: {degenerate_trio.aligned.name}\nbase_model_relation: adapter\n"
+                           "library_name: peft\n")
+    assert f"# {degenerate_trio.adapter.name}, patched with Safe LoRA" in card
     assert card.count("## Safe LoRA") == 1
     result = run_cli("patch", "--base", degenerate_trio.base, "--aligned", degenerate_trio.aligned,
                      "--adapter", first, "--out", second, "--device", "cpu", "--threshold", "0.9")
@@ -192,7 +204,7 @@ def test_side_file_inside_an_input_is_refused(option: str, llama_trio: Trio, tmp
     before = tree_digest(llama_trio.adapter)
     result = run_cli("inspect", *trio_args(llama_trio), option, llama_trio.adapter / "x.out")
     assert result.exit_code == 1
-    assert result.stderr.startswith(f"Error: {option} {llama_trio.adapter / 'x.out'} lies inside the input")
+    assert result.stderr.startswith(f"Error: {option} {llama_trio.adapter / 'x.out'} lies inside the adapter")
     assert tree_digest(llama_trio.adapter) == before
 
 
