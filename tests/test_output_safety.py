@@ -1,0 +1,292 @@
+"""Outputs that cannot touch inputs: placement at, inside and around every input, links and special
+files in the adapter, outputs that appear or fail mid-run, signals, and results that must not be written."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import Trio
+from helpers import run_cli, trio_args, tree_digest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+from safelora_cli import placement, writer
+from safelora_cli.demo import write_trio
+from safelora_cli.report import REPORT_NAME
+
+
+@pytest.fixture()
+def trio(demo_trio: Trio, tmp_path: Path) -> Trio:
+    """A private copy of the demo trio under tmp_path/in, free to be attacked."""
+    root = tmp_path / "in"
+    for name in ("base", "aligned", "adapter"):
+        shutil.copytree(getattr(demo_trio, name), root / name)
+    return Trio(root / "base", root / "aligned", root / "adapter")
+
+
+def _tree(root: Path) -> dict[str, str]:
+    """Every path below `root` with what it is (file digest, link target, directory), links not followed."""
+    found = {}
+    for path in sorted(root.rglob("*")):
+        key = str(path.relative_to(root))
+        if path.is_symlink():
+            found[key] = "link:" + os.readlink(path)
+        elif path.is_file():
+            found[key] = tree_digest(path.parent)[path.name]
+        else:
+            found[key] = "dir"
+    return found
+
+
+PLACES = ("base", "aligned", "adapter", "in")
+
+
+@settings(max_examples=40, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(where=st.sampled_from(PLACES), how=st.sampled_from(("at", "inside", "link-at", "link-inside", "home")),
+       force=st.booleans(), option=st.sampled_from(("--out", "--report-md", "--plot")))
+def test_no_output_lands_at_or_in_an_input(trio: Trio, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str,
+                                           how: str, force: bool, option: str) -> None:
+    # `in` holds the inputs: writing beside them is fine, only replacing the whole folder is not.
+    assume(where != "in" or how in ("at", "link-at"))
+    root = trio.base.parent
+    target = root if where == "in" else getattr(trio, where)
+    links = tmp_path / "links"
+    links.mkdir(exist_ok=True)
+    if how in ("at", "inside"):
+        path = str(target if how == "at" else target / "x")
+    elif how.startswith("link"):
+        link = links / f"to-{where}"
+        if not link.is_symlink():
+            link.symlink_to(target)
+        path = str(link if how == "link-at" else link / "x")
+    else:
+        monkeypatch.setenv("HOME", str(target.parent))
+        path = f"~/{target.name}/x"
+    before = _tree(tmp_path)
+    args = ["patch", *trio_args(trio), "--out", tmp_path / "safe", *(["--force"] if force else [])]
+    if option == "--out":
+        args[args.index("--out") + 1] = path
+    else:
+        args += [option, path]
+    result = run_cli(*args)
+    assert result.exit_code == 1, result.stderr
+    assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1
+    assert _tree(tmp_path) == before  # inputs untouched, nothing written anywhere
+
+
+def test_out_already_there_with_force_refuses_what_it_did_not_write(trio: Trio, tmp_path: Path) -> None:
+    precious = tmp_path / "precious"
+    (precious / "sub").mkdir(parents=True)
+    (precious / "sub" / "data.txt").write_text("keep")
+    before = _tree(tmp_path)
+    result = run_cli("patch", *trio_args(trio), "--out", precious, "--force")
+    assert result.exit_code == 1 and "was not written by safelora patch" in result.stderr
+    assert _tree(tmp_path) == before
+
+
+def test_links_and_special_files_in_the_adapter_are_not_copied(trio: Trio, tmp_path: Path) -> None:
+    secret = tmp_path / "secret.key"
+    secret.write_text("do not publish")
+    (trio.adapter / "key.txt").symlink_to(secret)
+    (trio.adapter / "README.md").unlink(missing_ok=True)
+    (trio.adapter / "README.md").symlink_to(secret)
+    (trio.adapter / "etc").symlink_to(tmp_path)
+    (trio.adapter / "zero").symlink_to("/dev/zero")
+    os.mkfifo(trio.adapter / "pipe")
+    (trio.adapter / "notes.txt").write_text("mine")
+    (trio.adapter / "notes-link.txt").symlink_to("notes.txt")  # stays inside the adapter: copied
+    out = tmp_path / "safe"
+    result = run_cli("patch", *trio_args(trio), "--out", out)
+    assert result.exit_code == 0, result.stderr
+    names = {p.name for p in out.iterdir()}
+    assert names == {"adapter_config.json", "adapter_model.safetensors", "README.md", REPORT_NAME, "notes.txt",
+                     "notes-link.txt"}
+    assert not (out / "notes-link.txt").is_symlink() and (out / "notes-link.txt").read_text() == "mine"
+    assert "do not publish" not in "".join(p.read_text(errors="replace") for p in out.iterdir() if p.is_file())
+    skipped = json.loads((out / REPORT_NAME).read_text())["skipped_files"]
+    assert sorted(s["path"] for s in skipped) == ["README.md", "etc", "key.txt", "pipe", "zero"]
+    assert result.stderr.count("Warning: ") == 5
+
+
+def test_an_output_that_appears_during_the_run_is_not_replaced(trio: Trio, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "safe"
+    build = writer._build
+
+    def other_run_wins(staging: Path, *args: object) -> None:
+        build(staging, *args)  # type: ignore[arg-type]
+        out.mkdir()
+        (out / "theirs.txt").write_text("other run")
+
+    monkeypatch.setattr(writer, "_build", other_run_wins)
+    result = run_cli("patch", *trio_args(trio), "--out", out)
+    assert result.exit_code == 1 and "changed while this run was writing" in result.stderr
+    assert [p.name for p in out.iterdir()] == ["theirs.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "safe"]
+
+
+def test_a_failed_forced_replacement_keeps_the_previous_output(trio: Trio, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "safe"
+    assert run_cli("patch", *trio_args(trio), "--out", out).exit_code == 0
+    before = _tree(out)
+    real = placement.rename_noreplace
+
+    def fail_placing_new(src: Path, dst: Path) -> None:
+        if ".partial-" in src.name:
+            raise OSError(28, "No space left on device")
+        real(src, dst)
+
+    monkeypatch.setattr(placement, "rename_noreplace", fail_placing_new)
+    result = run_cli("patch", *trio_args(trio), "--out", out, "--force", "--top-k", "1")
+    assert result.exit_code == 1 and "No space left" in result.stderr
+    assert _tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "safe"]
+
+
+def test_parents_created_for_out_are_removed_when_the_run_fails(trio: Trio, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    def enospc(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(writer, "write_safetensors", enospc)
+    result = run_cli("patch", *trio_args(trio), "--out", tmp_path / "a" / "b" / "safe")
+    assert result.exit_code == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_a_killed_forced_run_gets_its_previous_output_back(trio: Trio, tmp_path: Path) -> None:
+    out = tmp_path / "safe"
+    assert run_cli("patch", *trio_args(trio), "--out", out).exit_code == 0
+    before = _tree(out)
+    dead = tmp_path / ".safe.old-999999999-abc"  # a pid no process has
+    dead.mkdir()
+    out.rename(dead / "previous")
+    placement.remove_stale_staging(out)
+    assert _tree(out) == before and not dead.exists()
+
+
+@pytest.mark.parametrize("length", [200, 230])
+def test_long_output_names(trio: Trio, tmp_path: Path, length: int) -> None:
+    out = tmp_path / ("n" * length)
+    result = run_cli("patch", *trio_args(trio), "--out", out)
+    if length <= 255 - 32:
+        assert result.exit_code == 0, result.stderr
+        assert (out / "adapter_model.safetensors").is_file()
+    else:
+        assert result.exit_code == 1 and "bytes" in result.stderr and not out.exists()
+
+
+_SIGNAL_RUN = """
+import os, signal, sys
+from safelora_cli import cli, writer
+build = writer._build
+def build_then_signal(staging, *args):
+    build(staging, *args)
+    os.kill(os.getpid(), signal.{name})
+writer._build = build_then_signal
+sys.argv = ["safelora", *sys.argv[1:]]
+cli.main()
+"""
+
+
+@pytest.mark.parametrize(("name", "code"), [("SIGTERM", 143), ("SIGHUP", 129), ("SIGINT", 130)])
+def test_signals_remove_staging_and_exit_with_their_code(trio: Trio, tmp_path: Path, name: str, code: int) -> None:
+    out = tmp_path / "safe"
+    proc = subprocess.run([sys.executable, "-c", _SIGNAL_RUN.format(name=name), "patch", *map(str, trio_args(trio)),
+                           "--out", str(out), "--quiet"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == code, proc.stderr
+    assert proc.stderr.startswith("Error: ") and proc.stderr.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+    assert getattr(signal, name)  # the signal exists on this platform
+
+
+def test_base_and_aligned_the_same_model_is_an_error(trio: Trio, tmp_path: Path) -> None:
+    result = run_cli("patch", "--base", trio.base, "--aligned", trio.base, "--adapter", trio.adapter,
+                     "--out", tmp_path / "safe")
+    assert result.exit_code == 1 and "are the same" in result.stderr
+    config = json.loads((trio.adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(trio.base)
+    (trio.adapter / "adapter_config.json").write_text(json.dumps(config))
+    result = run_cli("patch", "--base", trio.base, "--adapter", trio.adapter, "--out", tmp_path / "safe")
+    assert result.exit_code == 1 and "are the same" in result.stderr
+    assert not (tmp_path / "safe").exists()
+
+
+def _edit_adapter(adapter: Path, edit) -> None:  # type: ignore[no-untyped-def]
+    path = adapter / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    save_file({k: edit(k, v) for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+
+
+def test_a_run_with_no_layer_evaluated_is_not_a_success(trio: Trio, tmp_path: Path) -> None:
+    _edit_adapter(trio.adapter, lambda k, v: torch.zeros_like(v) if "lora_B" in k else v)
+    result = run_cli("patch", *trio_args(trio), "--out", tmp_path / "safe", "--max-selected", "100%")
+    assert result.exit_code == 1 and "No layer of" in result.stderr and "lora_B = 0" in result.stderr
+    assert not (tmp_path / "safe").exists()
+
+
+def test_a_patched_b_that_overflows_float16_is_an_error(tmp_path: Path) -> None:
+    write_trio(tmp_path, dtype=torch.float32)
+    aligned = tmp_path / "aligned" / "model.safetensors"
+    base = load_file(str(tmp_path / "base" / "model.safetensors"))
+    # A huge rank-one alignment step: C = V·Vᵀ/‖V‖ then stretches by ‖V‖ ~ 2e5, beyond float16 for B ~ 10.
+    save_file({k: v + 3000.0 * torch.ones_like(v) if k.endswith("q_proj.weight") else load_file(str(aligned))[k]
+               for k, v in base.items()}, str(aligned))
+    _edit_adapter(tmp_path / "adapter", lambda k, v: (v * 1000).to(torch.float16))
+    result = run_cli("patch", "--base", tmp_path / "base", "--aligned", tmp_path / "aligned", "--adapter",
+                     tmp_path / "adapter", "--out", tmp_path / "safe", "--threshold", "1")
+    assert result.exit_code == 1, result.stderr
+    assert "exceeds the range of the adapter's torch.float16" in result.stderr and "q_proj" in result.stderr
+    assert not (tmp_path / "safe").exists()
+
+
+def test_factors_beyond_float64_are_an_error_not_nan(trio: Trio, tmp_path: Path) -> None:
+    _edit_adapter(trio.adapter, lambda k, v: v.double() * 1e200 if "lora_B" in k else v.double())
+    result = run_cli("inspect", *trio_args(trio), "--json")
+    assert result.exit_code == 1 and "too large to analyse" in result.stderr
+    assert result.stdout == ""
+
+
+def _run(args: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "safelora_cli", *args], text=True, timeout=120,
+                          **kwargs)  # type: ignore[call-overload]
+
+
+def test_stdout_errors_are_one_line(trio: Trio) -> None:
+    args = ["inspect", *map(str, trio_args(trio)), "--json"]
+    with open("/dev/full", "w") as full:
+        proc = _run(args, stdout=full, stderr=subprocess.PIPE)
+    assert proc.returncode == 1 and proc.stderr.startswith("Error: Cannot write to standard output: No space left")
+    assert proc.stderr.count("\n") == 1
+    closed = _run(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, close_fds=True,
+                  preexec_fn=lambda: os.close(1))
+    assert closed.returncode == 1 and closed.stderr.startswith("Error: Cannot write to standard output")
+
+
+def test_a_reader_that_goes_away_ends_the_output_quietly(trio: Trio) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "safelora_cli", "inspect", *map(str, trio_args(trio)),
+                             "--format", "csv"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # like `| head -0`
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and err == ""
+
+
+def test_demo_into_a_file_is_one_line(tmp_path: Path) -> None:
+    target = tmp_path / "file"
+    target.write_text("x")
+    result = run_cli("demo", target)
+    assert result.exit_code == 2 and result.stderr == f"Error: {target} exists and is not a directory. Choose a " \
+        "new directory.\n"
+    assert target.read_text() == "x"
