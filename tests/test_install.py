@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import sysconfig
@@ -30,7 +31,8 @@ except ModuleNotFoundError:  # Python 3.10: pytest itself depends on tomli there
     import tomli as tomllib  # type: ignore[no-redef]
 
 PACKAGE_DIR = Path(safelora_cli.__file__).parent
-PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+ROOT = Path(__file__).resolve().parents[1]
+PYPROJECT = ROOT / "pyproject.toml"
 STDLIB_DIRS = tuple(Path(sysconfig.get_path(key)).resolve() for key in ("stdlib", "platstdlib"))
 
 # Runs one `safelora` command; at exit dumps the top-level modules it imported and their files.
@@ -52,9 +54,18 @@ finally:
 
 
 def demo_commands() -> list[list[str]]:
-    """The README's demo, run in the current directory."""
-    inputs = ["--base", "demo/base", "--aligned", "demo/aligned", "--adapter", "demo/adapter"]
-    return [["demo", "demo"], ["patch", *inputs, "--out", "demo/patched"], ["inspect", *inputs, "--sort", "cosine"]]
+    """The arguments of each `safelora` line in the README's demo block."""
+    section = (ROOT / "README.md").read_text().split("## Try it in under a minute", 1)[1]
+    block = section.split("```\n", 2)[1]
+    return [shlex.split(line)[1:] for line in block.splitlines() if line.startswith("safelora ")]
+
+
+def test_make_demo_runs_the_readme_demo() -> None:
+    recipe = (ROOT / "Makefile").read_text().split("\ndemo:", 1)[1].split("\n\n", 1)[0]
+    lines = [line.strip() for line in recipe.splitlines()[1:]]
+    commands = [shlex.split(line)[1:] for line in lines if line.startswith("$(BIN)/safelora ")]
+    assert commands == demo_commands()
+    assert [c[0] for c in commands] == ["demo", "patch", "inspect"]
 
 
 def run_commands(workdir: Path, flags: list[str], path: list[str]) -> dict[str, str | None]:
