@@ -27,8 +27,8 @@ lint: install
 demo: install
 	rm -rf demo
 	$(BIN)/safelora demo demo
-	$(BIN)/safelora patch --base demo/base --aligned demo/aligned --adapter demo/adapter --out demo/patched --force
-	$(BIN)/safelora inspect --base demo/base --aligned demo/aligned --adapter demo/adapter
+	$(BIN)/safelora patch --base demo/base --aligned demo/aligned --adapter demo/adapter --out demo/patched
+	$(BIN)/safelora inspect --base demo/base --aligned demo/aligned --adapter demo/adapter --sort cosine
 
 bench: install
 	$(BIN)/python benchmarks/bench_patch.py

@@ -161,8 +161,13 @@ def test_json_flag_prints_only_the_report_on_stdout(llama_trio, tmp_path: Path) 
     assert json.loads(result.stdout) == json.loads((out / REPORT_NAME).read_text())
 
 
+def test_outputs_get_ordinary_permissions_not_the_private_staging_ones(llama_trio, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The output is staged in a private temporary directory; after the rename it must be like any new one."""
+    out, report_md = tmp_path / "patched", tmp_path / "report.md"
+    patch(llama_trio, out, "--report-md", report_md)
     reference = tmp_path / "reference"
     reference.mkdir()
     assert out.stat().st_mode & 0o777 == reference.stat().st_mode & 0o777
-    weights = out / "adapter_model.safetensors"
-    assert weights.stat().st_mode & 0o777 == (llama_trio.adapter / "adapter_config.json").stat().st_mode & 0o777
+    plain_file = (llama_trio.adapter / "adapter_config.json").stat().st_mode & 0o777
+    for written in [report_md, *sorted(p for p in out.iterdir() if p.is_file())]:
+        assert written.stat().st_mode & 0o777 == plain_file, written.name
