@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import jsonschema
+import pytest
 
 from safelora_cli import clidoc
 from safelora_cli.report import json_schema
@@ -85,3 +87,21 @@ def test_ci_workflow_is_valid_yaml_that_gates_and_uploads() -> None:
     decide = steps[-1]["run"]
     assert "3)" in decide and "*)" in decide
     assert "secrets.HF_TOKEN" in text
+
+
+def test_api_page_examples_run(demo_trio, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/api.md's code blocks, run in a folder holding the demo trio as `demo/`."""
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    for name in ("base", "aligned", "adapter"):
+        shutil.copytree(getattr(demo_trio, name), demo / name)
+    monkeypatch.chdir(tmp_path)
+    blocks = re.findall(r"```python\n(.*?)```", (DOCS / "api.md").read_text(), re.DOTALL)
+    assert len(blocks) == 3
+    for block in blocks:
+        exec(compile(block, "docs/api.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "4 of 8 layers projected" in out and "gates passed: True" in out
+    assert "keeps" in out and "refused: --out demo/adapter/x lies inside the adapter" in out
+    assert (demo / "patched-api" / "adapter_model.safetensors").is_file()
