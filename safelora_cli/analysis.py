@@ -141,7 +141,8 @@ def analyze(jobs: list[Job], base: Checkpoint, aligned: Checkpoint, method: Meth
     """Analyse every job's layers in one pass over the weights, then select each job's layers."""
     for job in jobs:
         for plan in job.plans:
-            check_finite({k: job.adapter.tensors[k] for k in (plan.a_key, plan.b_key)}, f"the adapter {job.adapter.path}")
+            factors = {k: job.adapter.tensors[k] for k in (plan.a_key, plan.b_key)}
+            check_finite(factors, f"the adapter {job.adapter.path}")
     keys = disk_order(sorted({p.weight_key for job in jobs for p in job.plans}), base)
     with Prefetcher(keys, base, aligned, device) as fetched:
         for done, item in enumerate(fetched, start=1):

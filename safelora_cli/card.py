@@ -68,4 +68,5 @@ def model_card(existing: str | None, report: Report, adapter_title: str) -> str:
     if not body.strip():
         body = f"# {adapter_title}\n\nA PEFT LoRA adapter, patched with Safe LoRA.\n"
     section = to_markdown(report, public=True)
-    return f"{_front_matter(front, public_source(report['inputs']['aligned']))}\n{body.strip()}\n\n{CARD_BEGIN}\n{section}{CARD_END}\n"
+    front = _front_matter(front, public_source(report["inputs"]["aligned"]))
+    return f"{front}\n{body.strip()}\n\n{CARD_BEGIN}\n{section}{CARD_END}\n"

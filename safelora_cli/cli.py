@@ -89,7 +89,8 @@ KeyMapOpt = Annotated[Optional[list[str]], _opt(  # noqa: UP045
     "e.g. `'^backbone\\.=model.'`. Repeatable; applied in order.")]
 DeviceOpt = Annotated[str, typer.Option("--device", metavar="DEVICE", help="auto (GPU when present), cpu, cuda or "
                                         "cuda:N.")]
-JsonOpt = Annotated[bool, _opt("--json", metavar="", help="Print the report as JSON on stdout (several adapters: an array).")]
+JsonOpt = Annotated[bool, _opt("--json", metavar="", help="Print the report as JSON on stdout (several adapters: "
+                               "an array).")]
 SortOpt = Annotated[SortKey, typer.Option("--sort", help="Row order of the layer table.")]
 QuietOpt = Annotated[bool, _opt("--quiet", "-q", metavar="", help="Print nothing but errors on stderr.")]
 MaxSelectedOpt = Annotated[Optional[str], _opt(  # noqa: UP045
@@ -211,7 +212,8 @@ def patch(
     energy: EnergyOpt = None,
     svd: SvdOpt = SvdMethod.AUTO,
     device: DeviceOpt = "auto",
-    force: Annotated[bool, _opt("--force", metavar="", help="Replace --out if it is empty or an earlier patched adapter.")] = False,
+    force: Annotated[bool, _opt("--force", metavar="", help="Replace --out if it is empty or an earlier patched "
+                                "adapter.")] = False,
     adapter_name: AdapterNameOpt = None,
     key_map: KeyMapOpt = None,
     json_out: JsonOpt = False,

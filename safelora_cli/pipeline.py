@@ -10,12 +10,13 @@ weight was read.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from safelora_cli import __version__, gates
 from safelora_cli.adapter import Adapter, load_adapter
 from safelora_cli.analysis import Analysis, Job, OnLayer, analyze, resolve_device
+from safelora_cli.checkpoint import Checkpoint
 from safelora_cli.config import Inputs, Method, Outputs
 from safelora_cli.errors import InputError, UsageError
 from safelora_cli.outputs import OutputPlan, plan_outputs
@@ -95,58 +96,88 @@ def _link_roots(origin: Origin) -> tuple[Path, ...]:
     return (origin.path.parent.parent / "blobs",) if origin.repo_id is not None else ()
 
 
+@dataclass(frozen=True)
+class _Models:
+    base: Checkpoint
+    aligned: Checkpoint
+    base_origin: Origin
+    aligned_origin: Origin
+
+
+class _Notes(list[str]):
+    """Warnings of the run: collected for the result, and handed on as they happen."""
+
+    def __init__(self, warn: Warn | None) -> None:
+        super().__init__()
+        self._warn = warn
+
+    def add(self, message: str) -> None:
+        self.append(message)
+        if self._warn is not None:
+            self._warn(message)
+
+
 def run(command: str, inputs: Inputs, method: Method, outputs: Outputs, policy: gates.Gates,
         on_layer: OnLayer | None = None, warn: Warn | None = None) -> Result:
     """Analyse the adapters of `inputs`; for `patch`, write each to its output. See the module docstring."""
-    notes: list[str] = []
-
-    def note(message: str) -> None:
-        notes.append(message)
-        if warn is not None:
-            warn(message)
-
+    notes = _Notes(warn)
     device = resolve_device(method.device)  # before any download: a wrong device fails at once
     origins = [resolve_adapter(spec, inputs.adapter_revision, inputs.token) for spec in inputs.adapters]
     adapters = [(o, load_adapter(o.path, inputs.adapter_name)) for o in origins]
-    aligned_spec, aligned_revision = _aligned_spec(inputs, adapters)
+    aligned_spec = _aligned_spec(inputs, adapters)
     plan = plan_outputs(outputs.out if command == "patch" else None, outputs.force, outputs.report_md, outputs.plot,
-                        list(inputs.adapters), _local_inputs(inputs, aligned_spec, adapters))
+                        list(inputs.adapters), _local_inputs(inputs, aligned_spec[0], adapters))
     if outputs.plot is not None:
         from safelora_cli.plot import require_matplotlib
 
         require_matplotlib()
-    copies = [plan_copy(a, _link_roots(o)) for o, a in adapters] if command == "patch" else [None] * len(adapters)
+    copies = [plan_copy(a, _link_roots(o)) if command == "patch" else None for o, a in adapters]
+    models = _resolve_models(inputs, aligned_spec, adapters)
+    jobs = [Job(a, pair_layers(a, models.base, models.aligned, inputs.key_rules)) for _, a in adapters]
+    _warn_top_k(method, jobs, notes)
+    analyses = analyze(jobs, models.base, models.aligned, method, device, on_layer)
+    _refuse_nothing_evaluated(analyses)
+    reports = [_report(command, inputs, method, policy, str(device), models, origin, analysis, copy, notes)
+               for (origin, _), analysis, copy in zip(adapters, analyses, copies, strict=True)]
+    side_files = _render_side_files(plan, reports)  # before writing anything: a failure leaves nothing
+    written = _write(plan, adapters, analyses, copies, reports) if command == "patch" else []
+    _write_side_files(side_files)
+    return Result(command, reports, written, list(notes))
 
+
+def _resolve_models(inputs: Inputs, aligned: tuple[str, str | None], adapters: list[tuple[Origin, Adapter]]) -> _Models:
+    """Index both models for the tensors the adapters may use (from the Hub: download only those)."""
     def needed(listed: Collection[str]) -> set[str]:
         return set().union(*(needed_weight_keys(a, inputs.key_rules, listed) for _, a in adapters))
 
     base, base_origin = resolve_model(inputs.base, inputs.base_revision, inputs.token, "base", needed)
-    aligned, aligned_origin = resolve_model(aligned_spec, aligned_revision, inputs.token, "aligned", needed)
-    aligned_origin = replace(aligned_origin, from_adapter_config=inputs.aligned is None)
-    _refuse_same_model(base_origin, aligned_origin)
-    jobs = [Job(a, pair_layers(a, base, aligned, inputs.key_rules)) for _, a in adapters]
-    if method.selection.top_k is not None:
-        fewest = min(len(job.plans) for job in jobs)
-        if method.selection.top_k > fewest:
-            note(f"top-k {method.selection.top_k} asks for more layers than the adapter has ({fewest}); "
-                 "every layer with a defined cosine is selected.")
-    analyses = analyze(jobs, base, aligned, method, device, on_layer)
-    _refuse_nothing_evaluated(analyses)
-    settings = _settings(inputs, method)
-    reports = []
-    for (origin, adapter), analysis, copy in zip(adapters, analyses, copies, strict=True):
-        records = {"base": _entry(base_origin, base.root), "aligned": _entry(aligned_origin, aligned.root),
-                   "adapter": _entry(origin, adapter.path)}
-        verdicts = gates.evaluate(policy, [r.math.cosine for r in analysis.layers],
-                                  [r.selected for r in analysis.layers], [r.plan.module for r in analysis.layers])
-        skipped = copy.skipped if copy is not None else []
-        for item in skipped:
-            note(f"{origin.spec}: {item['path']} was not copied to the output: it is {item['reason']}.")
-        reports.append(build_report(command, analysis, records, settings, str(device), verdicts, skipped))
-    side_files = _render_side_files(plan, reports)  # before writing anything: a failure leaves nothing
-    written = _write(plan, adapters, analyses, copies, reports, settings) if command == "patch" else []
-    _write_side_files(side_files)
-    return Result(command, reports, written, notes)
+    model, origin = resolve_model(aligned[0], aligned[1], inputs.token, "aligned", needed)
+    origin = replace(origin, from_adapter_config=inputs.aligned is None)
+    _refuse_same_model(base_origin, origin)
+    return _Models(base, model, base_origin, origin)
+
+
+def _warn_top_k(method: Method, jobs: list[Job], notes: _Notes) -> None:
+    top_k = method.selection.top_k
+    fewest = min(len(job.plans) for job in jobs)
+    if top_k is not None and top_k > fewest:
+        notes.add(f"top-k {top_k} asks for more layers than the adapter has ({fewest}); every layer with a defined "
+                  "cosine is selected.")
+
+
+def _report(command: str, inputs: Inputs, method: Method, policy: gates.Gates, device: str, models: _Models,
+            origin: Origin, analysis: Analysis, copy: CopyPlan | None, notes: _Notes) -> Report:
+    """The gates' verdicts and the report of one adapter, built once."""
+    layers = analysis.layers
+    verdicts = gates.evaluate(policy, [r.math.cosine for r in layers], [r.selected for r in layers],
+                              [r.plan.module for r in layers])
+    skipped = copy.skipped if copy is not None else []
+    for item in skipped:
+        notes.add(f"{origin.spec}: {item['path']} was not copied to the output: it is {item['reason']}.")
+    records = {"base": _entry(models.base_origin, models.base.root),
+               "aligned": _entry(models.aligned_origin, models.aligned.root),
+               "adapter": _entry(origin, analysis.adapter.path)}
+    return build_report(command, analysis, records, _settings(inputs, method), device, verdicts, skipped)
 
 
 def _entry(origin: Origin, path: Path) -> dict[str, object]:
@@ -155,13 +186,13 @@ def _entry(origin: Origin, path: Path) -> dict[str, object]:
 
 
 def _write(plan: OutputPlan, adapters: list[tuple[Origin, Adapter]], analyses: list[Analysis],
-           copies: list[CopyPlan | None], reports: list[Report], settings: dict[str, object]) -> list[Path]:
+           copies: list[CopyPlan | None], reports: list[Report]) -> list[Path]:
     written = []
     for target, (origin, adapter), analysis, copy, report in zip(plan.adapter_dirs, adapters, analyses, copies,
                                                                   reports, strict=True):
         assert copy is not None
         inputs = {name: entry["source"] for name, entry in report["inputs"].items()}
-        record = provenance(f"safelora-cli {__version__}", inputs, settings,
+        record = provenance(f"safelora-cli {__version__}", inputs, report["settings"],
                             [r.plan.module for r in analysis.layers if r.selected])
         title = f"{Path(origin.spec.rstrip('/')).name or origin.spec}, patched with Safe LoRA"
         written.append(write_patched_adapter(target, adapter, analysis.patched, copy, report, record, title))

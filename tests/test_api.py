@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Trio
-from helpers import run_cli, trio_args, tree_digest
+from helpers import run_cli, tree_digest, trio_args
 
 import safelora_cli
 from safelora_cli.errors import InputError, OutputError, SafeLoraError, UsageError

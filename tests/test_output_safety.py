@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import Trio
-from helpers import run_cli, trio_args, tree_digest
+from helpers import run_cli, tree_digest, trio_args
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file

@@ -14,9 +14,9 @@ from conftest import Trio
 from helpers import run_cli, tree_digest, trio_args
 from safetensors.torch import load_file, save_file
 
+from safelora_cli.card import CARD_BEGIN, CARD_END
 from safelora_cli.markdown import to_markdown
 from safelora_cli.report import REPORT_NAME, SCHEMA_VERSION, json_schema
-from safelora_cli.card import CARD_BEGIN, CARD_END
 
 V_ZERO = "model.layers.0.self_attn.q_proj"
 DW_ZERO = "model.layers.1.self_attn.v_proj"
