@@ -147,10 +147,16 @@ def write_adapter(path: Path, shape: LlamaShape, alignment_bases: dict[str, torc
 
 
 def write_trio(root: Path, shape: LlamaShape = TINY, targets: tuple[str, ...] = ("q_proj", "v_proj"),
-               rank: int = 8, dtype: torch.dtype = torch.bfloat16, layers_per_shard: int | None = None) -> None:
-    """`root/base`, `root/aligned` and `root/adapter`, ready for `safelora patch`."""
+               rank: int = 8, dtype: torch.dtype = torch.bfloat16, layers_per_shard: int | None = None,
+               final_root: Path | None = None) -> None:
+    """`root/base`, `root/aligned` and `root/adapter`, ready for `safelora patch`.
+
+    The adapter's config names `final_root/aligned` as its model: the place the trio will be
+    used from, when `root` is only where it is built.
+    """
     bases = write_models(root, shape, dtype, layers_per_shard=layers_per_shard)
-    write_adapter(root / "adapter", shape, bases, targets, rank, base_model=str(root / "aligned"))
+    named = (final_root or root) / "aligned"
+    write_adapter(root / "adapter", shape, bases, targets, rank, base_model=str(named))
 
 
 def write_demo(directory: Path) -> None:
@@ -176,7 +182,7 @@ def write_demo(directory: Path) -> None:
     try:
         created = make_parents(directory)
         staging = make_staging(directory)
-        write_trio(staging)
+        write_trio(staging, final_root=directory.absolute())
         place(staging, directory, existed, "demo directory")
         staging = None
     except OSError as exc:
