@@ -22,7 +22,7 @@ from safelora_cli.errors import InputError, UsageError
 from safelora_cli.outputs import OutputPlan, plan_outputs
 from safelora_cli.pairing import needed_weight_keys, pair_layers
 from safelora_cli.placement import make_parents, os_error, remove_created, write_file
-from safelora_cli.report import Report, build_report
+from safelora_cli.report import Report, build_report, text_of_path
 from safelora_cli.result import Result
 from safelora_cli.sources import Origin, aligned_from_adapter, resolve_adapter, resolve_model
 from safelora_cli.writer import CopyPlan, plan_copy, provenance, write_patched_adapter
@@ -182,7 +182,7 @@ def _report(command: str, inputs: Inputs, method: Method, policy: gates.Gates, d
 
 def _entry(origin: Origin, path: Path) -> dict[str, object]:
     """An input as the report records it: what was asked for, where it was read, at which commit."""
-    return {"source": origin.spec, "path": str(path), **origin.record()}
+    return {"source": text_of_path(origin.spec), "path": text_of_path(path), **origin.record()}
 
 
 def _write(plan: OutputPlan, adapters: list[tuple[Origin, Adapter]], analyses: list[Analysis],
@@ -194,7 +194,7 @@ def _write(plan: OutputPlan, adapters: list[tuple[Origin, Adapter]], analyses: l
         inputs = {name: entry["source"] for name, entry in report["inputs"].items()}
         record = provenance(f"safelora-cli {__version__}", inputs, report["settings"],
                             [r.plan.module for r in analysis.layers if r.selected])
-        title = f"{Path(origin.spec.rstrip('/')).name or origin.spec}, patched with Safe LoRA"
+        title = f"{text_of_path(Path(origin.spec.rstrip('/')).name or origin.spec)}, patched with Safe LoRA"
         written.append(write_patched_adapter(target, adapter, analysis.patched, copy, report, record, title))
     return written
 

@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import math
+import os
 import statistics
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, TypedDict
@@ -64,6 +65,11 @@ class Report(TypedDict):
     untouched_tensors: list[str]
     skipped_files: list[dict[str, str]]
     gates: list[dict[str, Any]]
+
+
+def text_of_path(value: object) -> str:
+    """A path as JSON can hold it: bytes of a name that is not UTF-8 shown as `\\xff` escapes."""
+    return os.fsencode(str(value)).decode("utf-8", "backslashreplace")
 
 
 def _retained(result: LayerResult) -> float:

@@ -23,7 +23,7 @@ from safelora_cli.card import model_card
 from safelora_cli.errors import InputError
 from safelora_cli.outputs import REPORT_NAME, Target
 from safelora_cli.placement import make_parents, make_staging, os_error, place, remove_created, remove_stale_staging
-from safelora_cli.report import Report, to_json
+from safelora_cli.report import Report, text_of_path, to_json
 from safelora_cli.safetensors_io import open_safetensors, read_tensor, write_safetensors
 
 PROVENANCE_KEY = "safelora"
@@ -74,14 +74,14 @@ def plan_copy(adapter: Adapter, link_roots: tuple[Path, ...] = ()) -> CopyPlan:
                 elif entry.name == CONFIG_NAME and target.is_file():
                     files.append(FileCopy(target, relative))  # read already as the adapter's config
                 else:
-                    skipped.append({"path": str(relative), "reason": "a symbolic link to outside the adapter"})
+                    skipped.append({"path": text_of_path(relative), "reason": "a symbolic link to outside the adapter"})
             elif stat.S_ISDIR(mode):
                 directories.append(relative)
                 pending.append(entry)
             elif stat.S_ISREG(mode):
                 files.append(FileCopy(entry, relative))
             else:
-                skipped.append({"path": str(relative), "reason": "not a regular file"})
+                skipped.append({"path": text_of_path(relative), "reason": "not a regular file"})
     return CopyPlan(files, directories, skipped)
 
 

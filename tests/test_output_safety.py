@@ -290,3 +290,14 @@ def test_demo_into_a_file_is_one_line(tmp_path: Path) -> None:
     assert result.exit_code == 2 and result.stderr == f"Error: {target} exists and is not a directory. Choose a " \
         "new directory.\n"
     assert target.read_text() == "x"
+
+
+def test_names_that_are_not_utf8_are_read_and_written(trio: Trio, tmp_path: Path) -> None:
+    odd = Path(os.fsdecode(bytes(tmp_path) + b"/lora-\xff"))
+    shutil.copytree(trio.adapter, odd)
+    out = Path(os.fsdecode(bytes(tmp_path) + b"/safe-\xfe"))
+    result = run_cli("patch", "--base", trio.base, "--aligned", trio.aligned, "--adapter", odd, "--out", out)
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((out / REPORT_NAME).read_text(encoding="utf-8"))
+    assert report["inputs"]["adapter"]["path"].endswith("lora-\\xff")
+    assert "# lora-\\xff, patched with Safe LoRA" in (out / "README.md").read_text(encoding="utf-8")
