@@ -69,9 +69,6 @@ class Checkpoint:
     listed: frozenset[str] = frozenset()
     quantization: str | None = None
 
-    def info(self, key: str) -> TensorInfo | None:
-        return self.tensors.get(key)
-
 
 def choose_layout(exists: Callable[[str], bool]) -> str | None:
     """The preferred layout file among those for which `exists(name)` is true."""

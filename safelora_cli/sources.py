@@ -8,6 +8,8 @@ the index and the shards holding those tensors are downloaded.
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -48,19 +50,78 @@ class _Spec:
     revision: str | None
 
 
+def _option(label: str) -> str:
+    return "--adapter" if label == "adapter" else f"--{label}"
+
+
+def _printable(spec: str) -> str:
+    """`spec` as it can be printed: bytes that are not UTF-8 (surrogate escapes) shown as \\xNN."""
+    return spec.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _exists(path: Path, spec: str, label: str) -> bool:
+    """Whether `path` exists; a path the OS refuses to look up is an error, not "missing"."""
+    try:
+        os.stat(path)
+        return True
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except PermissionError:
+        raise InputError(f"Permission denied looking up the {label} path {spec}.",
+                         hint="A directory on the way cannot be searched by this user; check its permissions.",
+                         ) from None
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            raise InputError(f"The {label} path {spec} has a name longer than the file system allows "
+                             "(255 bytes per component).", hint="Rename or link it to a shorter name.") from None
+        raise InputError(f"The {label} path {spec} cannot be used: {exc.strerror}.") from None
+
+
+def _missing(path: Path, spec: str, label: str) -> InputError:
+    """'no such directory', with the deepest part of the path that does exist."""
+    detail = ""
+    if os.path.lexists(path):
+        detail = f" ({spec} is a symbolic link to {os.readlink(path)}, which does not exist)"
+    else:
+        found = next((p for p in path.parents if p != Path(".") and os.path.lexists(p)), None)
+        if found is not None:
+            child = path.relative_to(found).parts[0]
+            detail = f" ({found} exists, but holds no {child})"
+    return InputError(f"The {label} path {spec} does not exist: no such directory{detail}.",
+                      hint=f"Check the path given to {_option(label)}.")
+
+
+def _path_shaped(spec: str) -> bool:
+    """Written as a path (./x, ../x, /x, ~/x) or starting with a directory that exists here."""
+    if spec.startswith(("./", "../", "/", "~")) or spec in (".", ".."):
+        return True
+    first = spec.split("/", 1)[0]
+    return "/" in spec and os.path.lexists(first)
+
+
 def parse_spec(spec: str, revision: str | None, label: str) -> _Spec:
     """Local path, or Hub id with its revision (inline `@rev` or the --<label>-revision option).
 
+    A spec that exists locally is local. One shaped like a path that does not exist is "no such
+    directory", never a Hub lookup; only a bare `org/name` goes to the Hub.
+
     Raises:
-        InputError: the spec is neither an existing path nor shaped like a repo id.
+        InputError: the spec is not valid UTF-8, cannot be looked up, or is a path that does not exist.
         UsageError: a revision for a local path, or two different revisions.
     """
-    option = "--adapter" if label == "adapter" else f"--{label}"
+    option = _option(label)
+    try:
+        spec.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"The {label} path {_printable(spec)} is not valid UTF-8.",
+                         hint="Rename it, or pass a symbolic link with a UTF-8 name.") from None
     path = Path(spec).expanduser()
-    if path.exists():
+    if _exists(path, spec, label):
         if revision is not None:
             raise UsageError(f"{option}-revision applies to Hub repositories, but {spec} is a local path.")
         return _Spec(path, None, None)
+    if _path_shaped(spec) or os.path.lexists(path):
+        raise _missing(path, spec, label)
     match = _REPO_ID.match(spec)
     if match is None or ".." in spec or "--" in match["repo"]:
         raise InputError(
@@ -154,8 +215,11 @@ def aligned_from_adapter(raw_config: dict[str, Any], adapter: Path, revision: st
             f"--aligned was not given and {adapter / 'adapter_config.json'} names no base_model_name_or_path.",
             hint="Pass --aligned with the safety-aligned model the adapter was trained on.",
         )
-    if Path(name).expanduser().exists():
-        return name, revision
+    try:
+        if os.path.exists(Path(name).expanduser()):
+            return name, revision
+    except ValueError:  # a NUL byte in the name
+        pass
     if _REPO_ID.match(name) is None:
         raise UsageError(
             f"--aligned was not given and the adapter's base_model_name_or_path {name!r} is neither an existing "
