@@ -48,6 +48,8 @@ class _Spec:
     path: Path | None
     repo_id: str | None
     revision: str | None
+    # For `dir/name` where `dir` exists here: the "no such directory" error, raised if the Hub fails too.
+    missing: InputError | None = None
 
 
 def _option(label: str) -> str:
@@ -91,19 +93,12 @@ def _missing(path: Path, spec: str, label: str) -> InputError:
                       hint=f"Check the path given to {_option(label)}.")
 
 
-def _path_shaped(spec: str) -> bool:
-    """Written as a path (./x, ../x, /x, ~/x) or starting with a directory that exists here."""
-    if spec.startswith(("./", "../", "/", "~")) or spec in (".", ".."):
-        return True
-    first = spec.split("/", 1)[0]
-    return "/" in spec and os.path.lexists(first)
-
-
 def parse_spec(spec: str, revision: str | None, label: str) -> _Spec:
     """Local path, or Hub id with its revision (inline `@rev` or the --<label>-revision option).
 
-    A spec that exists locally is local. One shaped like a path that does not exist is "no such
-    directory", never a Hub lookup; only a bare `org/name` goes to the Hub.
+    A spec that exists locally is local. One written as a path (./x, ../x, /x, ~/x, a dangling
+    link, a/b/c) that does not exist is "no such directory", never a Hub lookup; only
+    `org/name[@rev]` goes to the Hub.
 
     Raises:
         InputError: the spec is not valid UTF-8, cannot be looked up, or is a path that does not exist.
@@ -120,10 +115,11 @@ def parse_spec(spec: str, revision: str | None, label: str) -> _Spec:
         if revision is not None:
             raise UsageError(f"{option}-revision applies to Hub repositories, but {spec} is a local path.")
         return _Spec(path, None, None)
-    if _path_shaped(spec) or os.path.lexists(path):
-        raise _missing(path, spec, label)
     match = _REPO_ID.match(spec)
-    if match is None or ".." in spec or "--" in match["repo"]:
+    hub_id = match is not None and ".." not in spec and "--" not in match["repo"]
+    if spec.startswith(("./", "../", "/", "~")) or os.path.lexists(path) or ("/" in spec and not hub_id):
+        raise _missing(path, spec, label)
+    if match is None or not hub_id:
         raise InputError(
             f"The {label} path {spec} does not exist.",
             hint=f"Pass a local directory, or a Hub repository id such as org/name, to {option}.",
@@ -131,7 +127,24 @@ def parse_spec(spec: str, revision: str | None, label: str) -> _Spec:
     inline = match["revision"]
     if inline is not None and revision is not None and inline != revision:
         raise UsageError(f"{spec} names revision {inline!r} but {option}-revision says {revision!r}; give one.")
-    return _Spec(None, match["repo"], inline or revision)
+    # `org/name` beside a local `org/`: a mistyped local path or a Hub id (docs/inputs.md). The Hub
+    # is asked; if it fails too, the error says "no such directory" first.
+    beside_local = os.path.lexists(spec.split("/", 1)[0])
+    return _Spec(None, match["repo"], inline or revision, _missing(path, spec, label) if beside_local else None)
+
+
+def _pin(parsed: _Spec, token: str | None, label: str) -> Any:
+    """hub.pin, but a spec that may be a mistyped local path says so when the Hub fails too."""
+    from safelora_cli import hub
+
+    assert parsed.repo_id is not None
+    try:
+        return hub.pin(parsed.repo_id, parsed.revision, token, label)
+    except hub.HubError as exc:
+        if parsed.missing is None:
+            raise
+        raise InputError(f"{parsed.missing.message.removesuffix('.')}, and as a Hub repository id: {exc.message}",
+                         hint=parsed.missing.hint) from None
 
 
 def check_local_dir(path: Path, spec: str, label: str) -> Path:
@@ -157,8 +170,7 @@ def resolve_adapter(spec: str, revision: str | None, token: str | None) -> Origi
         return Origin(spec, check_local_dir(parsed.path, spec, "adapter"))
     from safelora_cli import hub
 
-    assert parsed.repo_id is not None
-    repo = hub.pin(parsed.repo_id, parsed.revision, token, "adapter")
+    repo = _pin(parsed, token, "adapter")
     weights = hub.first_present(repo, ADAPTER_WEIGHTS)
     skip = [name for name in ADAPTER_WEIGHTS if name != weights]
     folder = hub.snapshot_top_level(repo, skip=skip)
@@ -184,7 +196,7 @@ def resolve_model(spec: str, revision: str | None, token: str | None, label: str
     from safelora_cli import hub
 
     assert parsed.repo_id is not None
-    repo = hub.pin(parsed.repo_id, parsed.revision, token, label)
+    repo = _pin(parsed, token, label)
     layout = hub.first_present(repo, LAYOUTS)
     if layout is None:
         raise InputError(
