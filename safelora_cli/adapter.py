@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from safelora_cli import pickled_io
+from safelora_cli import file_kind, pickled_io
 from safelora_cli.adapter_config import (  # noqa: F401  (AdapterConfig and _pattern_value are re-exported)
     CONFIG_NAME,
     AdapterConfig,
@@ -240,6 +240,8 @@ def _refuse_tied_factors(config: AdapterConfig, modules: list[LoraModule], path:
 def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], list[LoraModule], list[str]]:
     """Tensors, metadata, modules and other keys; LoRA keys and dtypes are checked before any data is read."""
     weights, legacy = path / WEIGHTS_NAME, path / LEGACY_WEIGHTS_NAME
+    file_kind.refuse_irregular(weights)
+    file_kind.refuse_irregular(legacy)
     # Like PEFT: safetensors when both exist; the pickle only through weights_only loading.
     if weights.is_file():
         header = read_header(weights)

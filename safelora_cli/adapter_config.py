@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from safelora_cli import file_kind
 from safelora_cli.errors import InputError, UnsupportedError
 
 CONFIG_NAME = "adapter_config.json"
@@ -121,6 +122,7 @@ def _patterns(raw: dict[str, Any], name: str, where: Path) -> dict[str, Any]:
 def read_config(path: Path) -> dict[str, Any]:
     """The JSON object of `path`/adapter_config.json."""
     config_path = path / CONFIG_NAME
+    file_kind.refuse_irregular(config_path)
     if not config_path.is_file():
         raise InputError(
             f"{path} is not a PEFT adapter directory: {CONFIG_NAME} not found.",

@@ -9,6 +9,8 @@ real cause. It is only consulted after a file failed to open, so good files cost
 from __future__ import annotations
 
 import json
+import os
+import stat
 import struct
 from pathlib import Path
 
@@ -88,3 +90,18 @@ def explain(path: Path, expected: str) -> InputError | None:
         if reason is not None:
             return InputError(f"{path} {reason}.", hint="Download or save the file again.")
     return None
+
+
+def refuse_irregular(path: Path) -> None:
+    """A named pipe, socket or device under a weights or config name would block or mislead a read.
+
+    Raises:
+        InputError: when `path` exists and is neither a regular file nor a directory.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # missing or unreadable: the caller's own check says which
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        kind = "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+        raise InputError(f"{path} is {kind}, not a regular file.", hint="Pass the file itself.")

@@ -34,19 +34,32 @@ def open_safetensors(path: Path) -> Iterator[Any]:
     kwargs = {"backend": "pread"} if pread_supported() else {}
     try:
         handle = safe_open(str(path), framework="pt", device="cpu", **kwargs)
-    except FileNotFoundError:
-        raise InputError(f"{path} does not exist.") from None
-    except PermissionError:
-        raise InputError(f"Permission denied reading {path}.") from None
-    except IsADirectoryError:
-        raise InputError(f"{path} is a directory, not a safetensors file.") from None
     except (SafetensorError, OSError, ValueError) as exc:
-        raise file_kind.explain(path, "a safetensors file") or InputError(
-            f"{path} is not a readable safetensors file ({str(exc)[:300]}).",
-            hint="The file may be truncated or corrupted; download or save it again.",
-        ) from None
+        raise _open_error(path, exc) from None
     with handle:
         yield handle
+
+
+def _open_error(path: Path, exc: Exception) -> InputError:
+    """The real reason `path` did not open: safetensors reports an unreadable file as "No such
+    file", so the OS is asked again (non-blocking, in case of a pipe)."""
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
+    except FileNotFoundError:
+        return InputError(f"{path} does not exist.")
+    except PermissionError:
+        return InputError(f"Permission denied reading {path}.")
+    except IsADirectoryError:
+        return InputError(f"{path} is a directory, not a safetensors file.")
+    except OSError as os_exc:
+        return InputError(f"Cannot read {path}: {os_exc.strerror}.")
+    if isinstance(exc, PermissionError):  # the OS said so to the library (e.g. a mandatory lock)
+        return InputError(f"Permission denied reading {path}.")
+    return file_kind.explain(path, "a safetensors file") or InputError(
+        f"{path} is not a readable safetensors file ({str(exc)[:300]}).",
+        hint="The file may be truncated or corrupted; download or save it again.",
+    )
+
 
 
 def read_tensor(handle: Any, key: str, path: Path) -> torch.Tensor:

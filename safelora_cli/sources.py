@@ -156,6 +156,14 @@ def check_local_dir(path: Path, spec: str, label: str) -> Path:
             raise InputError(f"Permission denied reading the {label} directory {spec}.") from None
         if not entries:
             raise InputError(f"The {label} directory {spec} is empty.")
+        try:  # listable is not searchable: without x permission no file inside can be opened
+            os.stat(entries[0])
+        except PermissionError:
+            raise InputError(f"Permission denied opening the files of the {label} directory {spec}.",
+                             hint="The directory can be listed but not searched (no x permission); check its "
+                             "permissions.") from None
+        except OSError:
+            pass  # e.g. a dangling link inside: the file that is needed is checked when it is opened
     return path
 
 
