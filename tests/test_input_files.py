@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import Trio
-from helpers import read_adapter, run_cli, trio_args, tree_digest
+from helpers import read_adapter, run_cli, tree_digest, trio_args
 from safetensors import safe_open
 from test_bad_inputs import copy_trio, edit_tensors
 
