@@ -68,9 +68,21 @@ def read_tensor(handle: Any, key: str, path: Path) -> torch.Tensor:
         return handle.get_tensor(key)
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
         dtype = _stored_dtype(handle, key)
+        if dtype in _PACKED and pread_supported():
+            return _read_packed(path, key)
         if dtype is not None and dtype not in _TORCH_DTYPES:
             raise InputError(f"{path}: tensor {key} is stored as {dtype}, a dtype PyTorch {torch.__version__} "
                              "cannot load.", hint="Convert that tensor to a dtype PyTorch supports.") from None
+        raise InputError(f"Cannot read tensor {key} from {path} ({str(exc)[:300]}).") from None
+
+
+def _read_packed(path: Path, key: str) -> torch.Tensor:
+    """safetensors 0.8's pread backend builds packed F4 tensors with the unpacked element count and
+    fails; the mapped backend gets them right. Only such (small, rare) tensors take this path."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            return handle.get_tensor(key).clone()
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
         raise InputError(f"Cannot read tensor {key} from {path} ({str(exc)[:300]}).") from None
 
 
