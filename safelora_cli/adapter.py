@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
-import json
-import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from safelora_cli import pickled_io
+from safelora_cli import file_kind, pickled_io
+from safelora_cli.adapter_config import (  # noqa: F401  (AdapterConfig and _pattern_value are re-exported)
+    CONFIG_NAME,
+    AdapterConfig,
+    _pattern_value,
+    parse_config,
+    read_config,
+)
 from safelora_cli.errors import InputError, UnsupportedError, format_keys
-from safelora_cli.safetensors_io import read_all_tensors
+from safelora_cli.safetensors_io import dtype_name, read_all_tensors, read_header
 
-CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 
@@ -25,6 +29,13 @@ _LORA_KEY = re.compile(
     r"^base_model\.model\.(?P<module>.+)\."
     r"(?P<part>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)$"
 )
+# Any key with one of these components is LoRA's; one the grammar above does not match would be
+# skipped by PEFT on load, so it is refused rather than copied as an untouched tensor.
+_LORA_PART = re.compile(r"(?:^|\.)(?:lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(?:\.|$)")
+_LORA_BIAS = re.compile(r"^base_model\.model\..+\.lora_B\.bias$")
+PREFIX = "base_model.model."
+# The dtypes the projection can compute in; LoRA factors in any other dtype are refused by name.
+MATH_DTYPES = ("F32", "F16", "BF16", "F64")
 _PART = {
     "lora_A.weight": "A", "lora_B.weight": "B", "lora_embedding_A": "eA", "lora_embedding_B": "eB",
     "lora_magnitude_vector": "m",
@@ -48,41 +59,6 @@ class LoraModule:
 
 
 @dataclass(frozen=True)
-class AdapterConfig:
-    """The fields of adapter_config.json that change the math or what we can handle."""
-
-    r: int
-    lora_alpha: float
-    use_rslora: bool = False
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    use_dora: bool = False
-    fan_in_fan_out: bool = False
-
-    def scaling(self, module: str, rank: int) -> float:
-        """PEFT's multiplier of B·A for `module`: α/r, or α/√r with rsLoRA."""
-        alpha = _pattern_value(self.alpha_pattern, module, self.lora_alpha)
-        return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
-
-    def rank(self, module: str) -> int:
-        """The rank PEFT gives `module` when it builds the layer (and so expects on load)."""
-        return int(_pattern_value(self.rank_pattern, module, self.r))
-
-
-def _pattern_regex(key: str) -> str:
-    return rf"(.*\.)?({key})$"
-
-
-def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    """PEFT's rule for rank/alpha patterns (peft.utils.other.get_pattern_key): the first key, in the
-    file's order, that matches `(.*\\.)?(key)$` from the start of the module name wins."""
-    for key, value in patterns.items():
-        if re.match(_pattern_regex(key), module):
-            return value
-    return default
-
-
-@dataclass(frozen=True)
 class Adapter:
     """An adapter directory loaded in memory (adapters are small).
 
@@ -102,75 +78,6 @@ class Adapter:
     name: str | None = None
 
 
-def read_config(path: Path) -> dict[str, Any]:
-    config_path = path / CONFIG_NAME
-    if not config_path.is_file():
-        raise InputError(
-            f"{path} is not a PEFT adapter directory: {CONFIG_NAME} not found.",
-            hint="Pass the directory that PeftModel.save_pretrained wrote.",
-        )
-    try:
-        raw = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{config_path} is not valid JSON: {exc}.") from None
-    except OSError as exc:
-        raise InputError(f"Cannot read {config_path}: {exc.strerror}.") from None
-    if not isinstance(raw, dict):
-        raise InputError(f"{config_path} must hold a JSON object, found {type(raw).__name__}.")
-    return raw
-
-
-def parse_config(raw: dict[str, Any], where: Path) -> AdapterConfig:
-    """Validate the adapter config; refuse variants whose patch we would get wrong.
-
-    Raises:
-        UnsupportedError: for non-LoRA adapters and MoE `target_parameters`.
-        InputError: for malformed numbers or patterns.
-    """
-    peft_type = raw.get("peft_type")
-    if peft_type != "LORA":
-        raise UnsupportedError(
-            f"{where / CONFIG_NAME} has peft_type {peft_type!r}; only LoRA adapters (peft_type 'LORA') can be patched."
-        )
-    if raw.get("target_parameters"):
-        raise UnsupportedError(
-            f"{where} adapts parameters directly (target_parameters: {raw['target_parameters']}), e.g. MoE expert "
-            "tensors; their LoRA layout differs between PEFT versions, so they are refused rather than "
-            "sliced per expert on a guess.",
-            hint="Adapters on linear layers (target_modules) can be patched; retrain without target_parameters.",
-        )
-    try:
-        config = AdapterConfig(
-            r=int(raw.get("r", 8)),
-            lora_alpha=float(raw.get("lora_alpha", 8)),
-            use_rslora=bool(raw.get("use_rslora", False)),
-            alpha_pattern={str(k): float(v) for k, v in (raw.get("alpha_pattern") or {}).items()},
-            rank_pattern={str(k): int(v) for k, v in (raw.get("rank_pattern") or {}).items()},
-            use_dora=bool(raw.get("use_dora", False)),
-            fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
-        )
-    except (TypeError, ValueError, AttributeError) as exc:
-        raise InputError(
-            f"{where / CONFIG_NAME} has a malformed r, lora_alpha, rank_pattern or alpha_pattern: {exc}."
-        ) from None
-    _check_patterns(config, where)
-    return config
-
-
-def _check_patterns(config: AdapterConfig, where: Path) -> None:
-    """Scalings must be finite and pattern keys valid regexes, or the math and the report break."""
-    for key, value in [("lora_alpha", config.lora_alpha), *config.alpha_pattern.items()]:
-        if not math.isfinite(value):
-            raise InputError(f"{where / CONFIG_NAME}: alpha {value} for {key!r} is not a finite number.")
-    for field_name, patterns in (("alpha_pattern", config.alpha_pattern), ("rank_pattern", config.rank_pattern)):
-        for key in patterns:
-            try:
-                re.compile(_pattern_regex(key))
-            except re.error as exc:
-                raise InputError(f"{where / CONFIG_NAME}: {field_name} key {key!r} is not a valid regex ({exc}).",
-                                 hint="Keys are regexes matched against the end of module names.") from None
-
-
 def _module_from_parts(module: str, parts: dict[str, str], where: Path) -> LoraModule | None:
     """The module's keys, or None when one of its two LoRA factors is missing."""
     linear = "A" in parts or "B" in parts
@@ -183,32 +90,70 @@ def _module_from_parts(module: str, parts: dict[str, str], where: Path) -> LoraM
     return LoraModule(module, parts[a], parts[b], embedding=embedding, magnitude_key=parts.get("m"))
 
 
+def _refuse_misnamed(misnamed: list[str], where: Path) -> None:
+    """LoRA tensors PEFT would not load (it only warns of "missing adapter keys" and keeps its own)."""
+    if not misnamed:
+        return
+    bare = [key for key in misnamed if not key.startswith(PREFIX)]
+    if bare:
+        raise InputError(
+            f"{where}: {len(bare)} LoRA tensor(s) lack the '{PREFIX}' prefix PEFT saves them with: "
+            f"{format_keys(bare, 3)}; PeftModel.from_pretrained would not load them.",
+            hint=f"Save the adapter with PeftModel.save_pretrained, or add '{PREFIX}' to the start of every key.",
+        )
+    raise InputError(
+        f"{where}: {len(misnamed)} LoRA tensor(s) are not named as PEFT saves them "
+        f"({PREFIX}<module>.lora_A.weight, .lora_B.weight, …): {format_keys(misnamed, 3)}.",
+        hint="Save the adapter with PeftModel.save_pretrained (it removes the adapter name from the keys).",
+    )
+
+
 def split_keys(keys: list[str], where: Path) -> tuple[list[LoraModule], list[str]]:
     """Group LoRA keys by module; return the modules and every other key.
 
     Other keys (copied untouched) are full weights of `modules_to_save`, `*.base_layer.weight`
-    copies of targeted embeddings and `lora_B.bias` (lora_bias=True).
+    copies of targeted embeddings and `lora_B.bias` (lora_bias=True). `where` is the weights file.
 
     Raises:
-        InputError: when a module has lora_A without lora_B (or the other way round), or no
-            module has LoRA weights at all.
+        InputError: when a LoRA key is not in PEFT's on-disk grammar (no `base_model.model.`
+            prefix, an adapter name left in), a module has lora_A without lora_B (or the other
+            way round), or no module has LoRA weights at all.
     """
     grouped: dict[str, dict[str, str]] = {}
-    other = []
+    other, misnamed = [], []
     for key in keys:
         match = _LORA_KEY.match(key)
-        if match is None:
+        if match is not None:
+            grouped.setdefault(match["module"], {})[_PART[match["part"]]] = key
+        elif _LORA_PART.search(key) and not _LORA_BIAS.match(key):
+            misnamed.append(key)
+        else:
             other.append(key)
-            continue
-        grouped.setdefault(match["module"], {})[_PART[match["part"]]] = key
+    _refuse_misnamed(sorted(misnamed), where)
     found = {m: _module_from_parts(m, parts, where) for m, parts in grouped.items()}
     incomplete = sorted(m for m, module in found.items() if module is None)
     if incomplete:
-        raise InputError(f"{where}: these modules lack lora_A or lora_B: {format_keys(incomplete)}.")
+        raise InputError(f"{where.parent}: these modules lack lora_A or lora_B: {format_keys(incomplete)}.")
     modules = [module for module in found.values() if module is not None]
     if not modules:
-        raise InputError(f"{where / WEIGHTS_NAME} holds no LoRA weights (no '*.lora_A.weight' keys).")
+        raise InputError(f"{where} holds no LoRA weights (no '*.lora_A.weight' keys).")
     return modules, sorted(other)
+
+
+def check_dtypes(modules: list[LoraModule], dtypes: dict[str, str], where: Path) -> None:
+    """LoRA factors and DoRA magnitudes must be in a dtype the math uses; checked from the header.
+
+    Raises:
+        InputError: naming the first tensor stored in another dtype (int, fp8, complex, …).
+    """
+    for module in modules:
+        for key in (module.a_key, module.b_key, module.magnitude_key):
+            if key is not None and dtypes[key] not in MATH_DTYPES:
+                raise InputError(
+                    f"{where}: {key} is stored as {dtypes[key]}; LoRA factors must be float32, float16, bfloat16 "
+                    f"or float64 ({', '.join(MATH_DTYPES)}).",
+                    hint="Save the adapter with its LoRA weights in one of those dtypes.",
+                )
 
 
 def named_adapters(path: Path) -> list[str]:
@@ -251,15 +196,13 @@ def locate_adapter(path: Path, name: str | None) -> Path:
 
 
 def _check_module(module: LoraModule, tensors: dict[str, torch.Tensor], config: AdapterConfig, path: Path) -> None:
-    """Shapes, dtypes and the config's rank; DoRA magnitudes present exactly when use_dora says so."""
+    """Shapes and the config's rank; DoRA magnitudes present exactly when use_dora says so."""
     a, b = tensors[module.a_key], tensors[module.b_key]
     if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
         raise InputError(
             f"{path}: {module.module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
             "expected (r, in) and (out, r) with the same r."
         )
-    if not a.is_floating_point() or not b.is_floating_point():
-        raise InputError(f"{path}: {module.module} has non-floating-point LoRA weights ({a.dtype}, {b.dtype}).")
     expected_rank = config.rank(module.module)
     if a.shape[0] != expected_rank:
         raise InputError(
@@ -278,11 +221,11 @@ def _check_module(module: LoraModule, tensors: dict[str, torch.Tensor], config: 
         )
 
 
-def _refuse_tied_factors(raw: dict[str, Any], modules: list[LoraModule], path: Path) -> None:
+def _refuse_tied_factors(config: AdapterConfig, modules: list[LoraModule], path: Path) -> None:
     """With ensure_weight_tying PEFT makes lm_head's LoRA factors views of the embedding's
     (lora_A = embedding Bᵀ, lora_B = embedding Aᵀ); projecting the two layers on their own would
     break that tie, and which copy PEFT loads last would decide the result."""
-    if not raw.get("ensure_weight_tying"):
+    if not config.ensure_weight_tying:
         return
     embedding = [m.module for m in modules if m.embedding]
     heads = [m.module for m in modules if m.module.rsplit(".", 1)[-1] == "lm_head"]
@@ -294,6 +237,26 @@ def _refuse_tied_factors(raw: dict[str, Any], modules: list[LoraModule], path: P
         )
 
 
+def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], list[LoraModule], list[str]]:
+    """Tensors, metadata, modules and other keys; LoRA keys and dtypes are checked before any data is read."""
+    weights, legacy = path / WEIGHTS_NAME, path / LEGACY_WEIGHTS_NAME
+    file_kind.refuse_irregular(weights)
+    file_kind.refuse_irregular(legacy)
+    # Like PEFT: safetensors when both exist; the pickle only through weights_only loading.
+    if weights.is_file():
+        header = read_header(weights)
+        modules, other = split_keys(list(header), weights)
+        check_dtypes(modules, {key: dtype for key, (_shape, dtype) in header.items()}, weights)
+        tensors, metadata = read_all_tensors(weights)
+        return tensors, metadata, modules, other
+    if legacy.is_file():
+        tensors = pickled_io.read_all_tensors(legacy)
+        modules, other = split_keys(list(tensors), legacy)
+        check_dtypes(modules, {key: dtype_name(t.dtype) for key, t in tensors.items()}, legacy)
+        return tensors, {}, modules, other
+    raise InputError(f"{path} has {CONFIG_NAME} but no {WEIGHTS_NAME} (nor {LEGACY_WEIGHTS_NAME}).")
+
+
 def load_adapter(path: Path, name: str | None = None) -> Adapter:
     """Read an adapter directory: config, tensors (each in its own dtype) and metadata.
 
@@ -303,17 +266,9 @@ def load_adapter(path: Path, name: str | None = None) -> Adapter:
     path = locate_adapter(root, name)
     raw = read_config(path)
     config = parse_config(raw, path)
-    weights, legacy = path / WEIGHTS_NAME, path / LEGACY_WEIGHTS_NAME
-    # Like PEFT: safetensors when both exist; the pickle only through weights_only loading.
-    if weights.is_file():
-        tensors, metadata = read_all_tensors(weights)
-    elif legacy.is_file():
-        tensors, metadata = pickled_io.read_all_tensors(legacy), {}
-    else:
-        raise InputError(f"{path} has {CONFIG_NAME} but no {WEIGHTS_NAME} (nor {LEGACY_WEIGHTS_NAME}).")
-    modules, other = split_keys(list(tensors), path)
+    tensors, metadata, modules, other = _read_weights(path)
     for module in modules:
         _check_module(module, tensors, config, path)
-    _refuse_tied_factors(raw, modules, path)
+    _refuse_tied_factors(config, modules, path)
     return Adapter(path, config, raw, tensors, metadata, modules, other, root=root,
                    name=name if path != root else None)

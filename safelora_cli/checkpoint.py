@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from safelora_cli import pickled_io
+from safelora_cli import file_kind, pickled_io
 from safelora_cli.errors import InputError, UnsupportedError, format_keys
 from safelora_cli.safetensors_io import item_bytes, open_safetensors, read_header, read_tensor
 
@@ -69,9 +69,6 @@ class Checkpoint:
     listed: frozenset[str] = frozenset()
     quantization: str | None = None
 
-    def info(self, key: str) -> TensorInfo | None:
-        return self.tensors.get(key)
-
 
 def choose_layout(exists: Callable[[str], bool]) -> str | None:
     """The preferred layout file among those for which `exists(name)` is true."""
@@ -116,6 +113,8 @@ def _quantization(root: Path) -> str | None:
 
 def _files_to_index(root: Path, label: str, needed: Collection[str] | None) -> tuple[list[Path], dict[str, str]]:
     """The files whose headers must be read, and the index's weight map ({} for one file)."""
+    for name in LAYOUTS:
+        file_kind.refuse_irregular(root / name)
     layout = choose_layout(lambda name: (root / name).is_file())
     if layout is None:
         raise InputError(
@@ -149,6 +148,7 @@ def open_checkpoint(path: Path, label: str, needed: Collection[str] | None = Non
     """
     if not path.exists():
         raise InputError(f"The {label} model path {path} does not exist.")
+    file_kind.refuse_irregular(path)
     mapping: dict[str, str] = {}
     if path.is_file():
         root, files = path.parent, [path]

@@ -36,7 +36,10 @@ def one_line(text: str) -> str:
     Messages quote file names and library errors, which can hold any character; CI logs and
     callers that read stderr rely on an error being exactly one line.
     """
-    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    try:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that stands for no byte
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 

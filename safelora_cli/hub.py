@@ -9,13 +9,14 @@ from one consistent snapshot, and a cached file costs no request at all on later
 from __future__ import annotations
 
 import contextlib
+import logging
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import (
-    _CACHED_NO_EXIST,
     HfApi,
     constants,
     hf_hub_download,
@@ -57,17 +58,35 @@ def _where(repo_id: str, revision: str | None) -> str:
     return f"{repo_id}@{revision}" if revision else repo_id
 
 
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence huggingface_hub's own warnings and log lines ("Could not reach the Hub … using the
+    cached commit") during a call: this module reports every problem itself, once, and `--quiet`
+    must mean quiet. Hub calls run on the main thread only, so the global state is safe to swap."""
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def _unreachable(label: str, repo_id: str, what: str) -> HubError:
+    # Only the first call (resolving the revision) can be mistaken for a local path.
+    local = ", nor a local path" if what.startswith("revision") else ""
     if constants.is_offline_mode():
         return HubError(
-            f"The {label} {what} of {repo_id} is not in the local cache ({constants.HF_HUB_CACHE}), "
+            f"The {label} {what} of {repo_id} is not in the local cache ({constants.HF_HUB_CACHE}){local}, "
             "and HF_HUB_OFFLINE is set.",
             hint="Run once with network access (unset HF_HUB_OFFLINE) to download it, or point HF_HUB_CACHE "
             "(or HF_HOME) at the cache that holds it.",
         )
     return HubError(
         f"Cannot reach the Hub at {constants.ENDPOINT} to fetch the {label} {what} of {repo_id}, and it is not "
-        "in the local cache.",
+        f"in the local cache{local}.",
         hint="Check the network (and HF_ENDPOINT, proxies); to use only the cache, set HF_HUB_OFFLINE=1.",
     )
 
@@ -84,7 +103,8 @@ def hub_errors(label: str, repo_id: str, revision: str | None, what: str) -> Ite
     """
     option = "--adapter" if label == "adapter" else f"--{label}"
     try:
-        yield
+        with quiet():
+            yield
     except GatedRepoError:
         raise HubError(
             f"The {label} repository {repo_id} is gated and this request is not authorised to read it.",
@@ -141,10 +161,13 @@ def first_present(repo: PinnedRepo, names: Sequence[str]) -> str | None:
     """
     offline, unknown = constants.is_offline_mode(), False
     for name in names:
-        entry = try_to_load_from_cache(repo.repo_id, name, revision=repo.commit)
+        with quiet():
+            entry = try_to_load_from_cache(repo.repo_id, name, revision=repo.commit)
         if isinstance(entry, str):
             return name
-        if entry is _CACHED_NO_EXIST:
+        # The documented results are a path (cached), None (unknown) or a sentinel object meaning
+        # "cached as absent"; the sentinel's name is private, so it is recognised as "neither".
+        if entry is not None:
             continue
         unknown = True
         if offline:

@@ -63,7 +63,8 @@ def parse_key_map(specs: tuple[str, ...] | list[str]) -> tuple[KeyRule, ...]:
         try:
             compiled = re.compile(pattern)
             compiled.sub(replacement, "")  # a bad back-reference in the replacement fails here
-        except re.error as exc:
+        except (re.error, IndexError, OverflowError, RecursionError) as exc:
+            # IndexError: a \g<name> the pattern does not define ("unknown group name 'x'").
             raise UsageError(f"--key-map {spec!r}: invalid regular expression or replacement ({exc}).") from None
         rules.append(KeyRule(compiled, replacement))
     return tuple(rules)

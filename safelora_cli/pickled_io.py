@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from safelora_cli import file_kind
 from safelora_cli.errors import InputError, UnsupportedError
 from safelora_cli.safetensors_io import dtype_name
 
@@ -33,18 +34,19 @@ def load_state_dict(path: Path) -> StateDict:
         raise InputError(f"{path} does not exist.")
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except PermissionError:
+        raise InputError(f"Permission denied reading {path}.") from None
     except pickle.UnpicklingError:
-        raise UnsupportedError(
+        # A text file (git-lfs pointer, HTML page) fails here too: name it before blaming pickled code.
+        raise file_kind.explain(path, "a PyTorch checkpoint") or UnsupportedError(
             f"{path} contains pickled objects other than tensors; it was not loaded, because loading it "
             "would run code stored in the file.",
             hint="Use the safetensors release of this model or adapter, or convert the file in a sandbox you trust.",
         ) from None
-    except PermissionError:
-        raise InputError(f"Permission denied reading {path}.") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         # Truncated zip → RuntimeError, empty file → EOFError: the file is damaged, not a bug here.
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InputError(
+        reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        raise file_kind.explain(path, "a PyTorch checkpoint") or InputError(
             f"{path} is not a readable PyTorch checkpoint ({reason}).",
             hint="The file may be truncated or corrupted; download or save it again.",
         ) from None

@@ -24,7 +24,7 @@ from safelora_cli.pairing import needed_weight_keys, pair_layers
 from safelora_cli.placement import make_parents, os_error, remove_created, write_file
 from safelora_cli.report import Report, build_report, text_of_path
 from safelora_cli.result import Result
-from safelora_cli.sources import Origin, aligned_from_adapter, resolve_adapter, resolve_model
+from safelora_cli.sources import Origin, aligned_from_adapter, parse_spec, resolve_adapter, resolve_model
 from safelora_cli.writer import CopyPlan, plan_copy, provenance, write_patched_adapter
 
 Warn = Callable[[str], None]
@@ -48,13 +48,15 @@ def _hub_cache() -> Path:
     return Path(constants.HF_HUB_CACHE).expanduser()
 
 
-def _local_inputs(inputs: Inputs, aligned: str, adapters: list[tuple[Origin, Adapter]]) -> dict[str, Path]:
-    """Every directory a run reads, resolved: what no output may touch."""
+def _local_inputs(inputs: Inputs, aligned: tuple[str, str | None],
+                  adapters: list[tuple[Origin, Adapter]]) -> dict[str, Path]:
+    """Every directory a run reads, resolved: what no output may touch. A model from the Hub is
+    read from its cache, which counts as a whole."""
     found: dict[str, Path] = {"Hugging Face cache": _hub_cache().resolve()}
-    for name, spec in (("base model", inputs.base), ("aligned model", aligned)):
-        path = Path(spec).expanduser()
-        if path.exists():
-            found[name] = path.resolve()
+    for label, spec, revision in (("base", inputs.base, inputs.base_revision), ("aligned", *aligned)):
+        path = parse_spec(spec, revision, label).path  # also refuses a malformed spec before any work
+        if path is not None:
+            found[f"{label} model"] = path.resolve()
     for i, (origin, adapter) in enumerate(adapters):
         label = "adapter" if len(adapters) == 1 else f"adapter {origin.spec}"
         found[label if label not in found else f"{label} ({i + 1})"] = (adapter.root or adapter.path).resolve()
@@ -126,7 +128,7 @@ def run(command: str, inputs: Inputs, method: Method, outputs: Outputs, policy: 
     adapters = [(o, load_adapter(o.path, inputs.adapter_name)) for o in origins]
     aligned_spec = _aligned_spec(inputs, adapters)
     plan = plan_outputs(outputs.out if command == "patch" else None, outputs.force, outputs.report_md, outputs.plot,
-                        list(inputs.adapters), _local_inputs(inputs, aligned_spec[0], adapters))
+                        list(inputs.adapters), _local_inputs(inputs, aligned_spec, adapters))
     if outputs.plot is not None:
         from safelora_cli.plot import require_matplotlib
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from safelora_cli import file_kind
 from safelora_cli.errors import InputError
 
 
@@ -33,24 +34,63 @@ def open_safetensors(path: Path) -> Iterator[Any]:
     kwargs = {"backend": "pread"} if pread_supported() else {}
     try:
         handle = safe_open(str(path), framework="pt", device="cpu", **kwargs)
-    except FileNotFoundError:
-        raise InputError(f"{path} does not exist.") from None
-    except PermissionError:
-        raise InputError(f"Permission denied reading {path}.") from None
     except (SafetensorError, OSError, ValueError) as exc:
-        raise InputError(
-            f"{path} is not a readable safetensors file ({exc}).",
-            hint="The file may be truncated or corrupted; download or save it again.",
-        ) from None
+        raise _open_error(path, exc) from None
     with handle:
         yield handle
 
 
+def _open_error(path: Path, exc: Exception) -> InputError:
+    """The real reason `path` did not open: safetensors reports an unreadable file as "No such
+    file", so the OS is asked again (non-blocking, in case of a pipe)."""
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
+    except FileNotFoundError:
+        return InputError(f"{path} does not exist.")
+    except PermissionError:
+        return InputError(f"Permission denied reading {path}.")
+    except IsADirectoryError:
+        return InputError(f"{path} is a directory, not a safetensors file.")
+    except OSError as os_exc:
+        return InputError(f"Cannot read {path}: {os_exc.strerror}.")
+    if isinstance(exc, PermissionError):  # the OS said so to the library (e.g. a mandatory lock)
+        return InputError(f"Permission denied reading {path}.")
+    return file_kind.explain(path, "a safetensors file") or InputError(
+        f"{path} is not a readable safetensors file ({str(exc)[:300]}).",
+        hint="The file may be truncated or corrupted; download or save it again.",
+    )
+
+
+
 def read_tensor(handle: Any, key: str, path: Path) -> torch.Tensor:
+    """One tensor; a dtype this PyTorch cannot hold (e.g. F6_E2M3) is named rather than reported raw."""
     try:
         return handle.get_tensor(key)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise InputError(f"Cannot read tensor {key} from {path} ({exc}).") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
+        dtype = _stored_dtype(handle, key)
+        if dtype in _PACKED and pread_supported():
+            return _read_packed(path, key)
+        if dtype is not None and dtype not in _TORCH_DTYPES:
+            raise InputError(f"{path}: tensor {key} is stored as {dtype}, a dtype PyTorch {torch.__version__} "
+                             "cannot load.", hint="Convert that tensor to a dtype PyTorch supports.") from None
+        raise InputError(f"Cannot read tensor {key} from {path} ({str(exc)[:300]}).") from None
+
+
+def _read_packed(path: Path, key: str) -> torch.Tensor:
+    """safetensors 0.8's pread backend builds packed F4 tensors with the unpacked element count and
+    fails; the mapped backend gets them right. Only such (small, rare) tensors take this path."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            return handle.get_tensor(key).clone()
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
+        raise InputError(f"Cannot read tensor {key} from {path} ({str(exc)[:300]}).") from None
+
+
+def _stored_dtype(handle: Any, key: str) -> str | None:
+    try:
+        return str(handle.get_slice(key).get_dtype())
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError):
+        return None
 
 
 def read_all_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -70,19 +110,35 @@ def read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
         return out
 
 
+# Every dtype both torch and safetensors know (the names are safetensors'), so that tensors the
+# tool does not touch (modules_to_save, biases) are written back whatever they hold. Looked up by
+# attribute: older torch builds lack some.
 _DTYPE_NAMES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+    getattr(torch, attr): name for attr, name in (
+        ("float64", "F64"), ("float32", "F32"), ("float16", "F16"), ("bfloat16", "BF16"),
+        ("int64", "I64"), ("int32", "I32"), ("int16", "I16"), ("int8", "I8"),
+        ("uint64", "U64"), ("uint32", "U32"), ("uint16", "U16"), ("uint8", "U8"), ("bool", "BOOL"),
+        ("complex64", "C64"), ("float8_e4m3fn", "F8_E4M3"), ("float8_e4m3fnuz", "F8_E4M3FNUZ"),
+        ("float8_e5m2", "F8_E5M2"), ("float8_e5m2fnuz", "F8_E5M2FNUZ"), ("float8_e8m0fnu", "F8_E8M0"),
+        ("float4_e2m1fn_x2", "F4"),
+    ) if hasattr(torch, attr)
 }
-
-
+_TORCH_DTYPES = frozenset(_DTYPE_NAMES.values())
+# torch packs two F4 values in one float4_e2m1fn_x2 element; safetensors counts the F4 values.
+_PACKED = {"F4": 2}
 _ITEM_BYTES = {name: dtype.itemsize for dtype, name in _DTYPE_NAMES.items()}
 
 
 def item_bytes(name: str) -> int:
     """Bytes per element of a safetensors dtype name (4 for names this table does not know)."""
     return _ITEM_BYTES.get(name, 4)
+
+
+def _header_shape(tensor: torch.Tensor, name: str) -> list[int]:
+    shape = list(tensor.shape)
+    if name in _PACKED and shape:
+        shape[-1] *= _PACKED[name]
+    return shape
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -103,8 +159,10 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     for key in ordered:
         tensor = tensors[key]
         size = tensor.numel() * tensor.element_size()
-        header[key] = {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
-                       "data_offsets": [offset, offset + size]}
+        name = _DTYPE_NAMES.get(tensor.dtype)
+        if name is None:  # a bug: tensors come from files torch and safetensors both read
+            raise TypeError(f"{key}: safetensors has no dtype for {tensor.dtype}")
+        header[key] = {"dtype": name, "shape": _header_shape(tensor, name), "data_offsets": [offset, offset + size]}
         offset += size
     encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     encoded += b" " * (-len(encoded) % 8)  # the format pads the header to 8-byte alignment

@@ -8,6 +8,8 @@ the index and the shards holding those tensors are downloaded.
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -46,23 +48,78 @@ class _Spec:
     path: Path | None
     repo_id: str | None
     revision: str | None
+    # For `dir/name` where `dir` exists here: the "no such directory" error, raised if the Hub fails too.
+    missing: InputError | None = None
+
+
+def _option(label: str) -> str:
+    return "--adapter" if label == "adapter" else f"--{label}"
+
+
+def _printable(spec: str) -> str:
+    """`spec` as it can be printed: bytes that are not UTF-8 (surrogate escapes) shown as \\xNN."""
+    return spec.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _exists(path: Path, spec: str, label: str) -> bool:
+    """Whether `path` exists; a path the OS refuses to look up is an error, not "missing"."""
+    try:
+        os.stat(path)
+        return True
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except PermissionError:
+        raise InputError(f"Permission denied looking up the {label} path {spec}.",
+                         hint="A directory on the way cannot be searched by this user; check its permissions.",
+                         ) from None
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            raise InputError(f"The {label} path {spec} has a name longer than the file system allows "
+                             "(255 bytes per component).", hint="Rename or link it to a shorter name.") from None
+        raise InputError(f"The {label} path {spec} cannot be used: {exc.strerror}.") from None
+
+
+def _missing(path: Path, spec: str, label: str) -> InputError:
+    """'no such directory', with the deepest part of the path that does exist."""
+    detail = ""
+    if os.path.lexists(path):
+        detail = f" ({spec} is a symbolic link to {os.readlink(path)}, which does not exist)"
+    else:
+        found = next((p for p in path.parents if p != Path(".") and os.path.lexists(p)), None)
+        if found is not None:
+            child = path.relative_to(found).parts[0]
+            detail = f" ({found} exists, but holds no {child})"
+    return InputError(f"The {label} path {spec} does not exist: no such directory{detail}.",
+                      hint=f"Check the path given to {_option(label)}.")
 
 
 def parse_spec(spec: str, revision: str | None, label: str) -> _Spec:
     """Local path, or Hub id with its revision (inline `@rev` or the --<label>-revision option).
 
+    A spec that exists locally is local. One written as a path (./x, ../x, /x, ~/x, a dangling
+    link, a/b/c) that does not exist is "no such directory", never a Hub lookup; only
+    `org/name[@rev]` goes to the Hub.
+
     Raises:
-        InputError: the spec is neither an existing path nor shaped like a repo id.
+        InputError: the spec is not valid UTF-8, cannot be looked up, or is a path that does not exist.
         UsageError: a revision for a local path, or two different revisions.
     """
-    option = "--adapter" if label == "adapter" else f"--{label}"
+    option = _option(label)
+    try:
+        spec.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"The {label} path {_printable(spec)} is not valid UTF-8.",
+                         hint="Rename it, or pass a symbolic link with a UTF-8 name.") from None
     path = Path(spec).expanduser()
-    if path.exists():
+    if _exists(path, spec, label):
         if revision is not None:
             raise UsageError(f"{option}-revision applies to Hub repositories, but {spec} is a local path.")
         return _Spec(path, None, None)
     match = _REPO_ID.match(spec)
-    if match is None or ".." in spec or "--" in match["repo"]:
+    hub_id = match is not None and ".." not in spec and "--" not in match["repo"]
+    if spec.startswith(("./", "../", "/", "~")) or os.path.lexists(path) or ("/" in spec and not hub_id):
+        raise _missing(path, spec, label)
+    if match is None or not hub_id:
         raise InputError(
             f"The {label} path {spec} does not exist.",
             hint=f"Pass a local directory, or a Hub repository id such as org/name, to {option}.",
@@ -70,7 +127,24 @@ def parse_spec(spec: str, revision: str | None, label: str) -> _Spec:
     inline = match["revision"]
     if inline is not None and revision is not None and inline != revision:
         raise UsageError(f"{spec} names revision {inline!r} but {option}-revision says {revision!r}; give one.")
-    return _Spec(None, match["repo"], inline or revision)
+    # `org/name` beside a local `org/`: a mistyped local path or a Hub id (docs/inputs.md). The Hub
+    # is asked; if it fails too, the error says "no such directory" first.
+    beside_local = os.path.lexists(spec.split("/", 1)[0])
+    return _Spec(None, match["repo"], inline or revision, _missing(path, spec, label) if beside_local else None)
+
+
+def _pin(parsed: _Spec, token: str | None, label: str) -> Any:
+    """hub.pin, but a spec that may be a mistyped local path says so when the Hub fails too."""
+    from safelora_cli import hub
+
+    assert parsed.repo_id is not None
+    try:
+        return hub.pin(parsed.repo_id, parsed.revision, token, label)
+    except hub.HubError as exc:
+        if parsed.missing is None:
+            raise
+        raise InputError(f"{parsed.missing.message.removesuffix('.')}, and as a Hub repository id: {exc.message}",
+                         hint=parsed.missing.hint) from None
 
 
 def check_local_dir(path: Path, spec: str, label: str) -> Path:
@@ -82,6 +156,14 @@ def check_local_dir(path: Path, spec: str, label: str) -> Path:
             raise InputError(f"Permission denied reading the {label} directory {spec}.") from None
         if not entries:
             raise InputError(f"The {label} directory {spec} is empty.")
+        try:  # listable is not searchable: without x permission no file inside can be opened
+            os.stat(entries[0])
+        except PermissionError:
+            raise InputError(f"Permission denied opening the files of the {label} directory {spec}.",
+                             hint="The directory can be listed but not searched (no x permission); check its "
+                             "permissions.") from None
+        except OSError:
+            pass  # e.g. a dangling link inside: the file that is needed is checked when it is opened
     return path
 
 
@@ -96,8 +178,7 @@ def resolve_adapter(spec: str, revision: str | None, token: str | None) -> Origi
         return Origin(spec, check_local_dir(parsed.path, spec, "adapter"))
     from safelora_cli import hub
 
-    assert parsed.repo_id is not None
-    repo = hub.pin(parsed.repo_id, parsed.revision, token, "adapter")
+    repo = _pin(parsed, token, "adapter")
     weights = hub.first_present(repo, ADAPTER_WEIGHTS)
     skip = [name for name in ADAPTER_WEIGHTS if name != weights]
     folder = hub.snapshot_top_level(repo, skip=skip)
@@ -123,7 +204,7 @@ def resolve_model(spec: str, revision: str | None, token: str | None, label: str
     from safelora_cli import hub
 
     assert parsed.repo_id is not None
-    repo = hub.pin(parsed.repo_id, parsed.revision, token, label)
+    repo = _pin(parsed, token, label)
     layout = hub.first_present(repo, LAYOUTS)
     if layout is None:
         raise InputError(
@@ -154,8 +235,11 @@ def aligned_from_adapter(raw_config: dict[str, Any], adapter: Path, revision: st
             f"--aligned was not given and {adapter / 'adapter_config.json'} names no base_model_name_or_path.",
             hint="Pass --aligned with the safety-aligned model the adapter was trained on.",
         )
-    if Path(name).expanduser().exists():
-        return name, revision
+    try:
+        if os.path.exists(Path(name).expanduser()):
+            return name, revision
+    except ValueError:  # a NUL byte in the name
+        pass
     if _REPO_ID.match(name) is None:
         raise UsageError(
             f"--aligned was not given and the adapter's base_model_name_or_path {name!r} is neither an existing "

@@ -72,7 +72,7 @@ CASES: dict[str, tuple[Callable[[Trio], None], str]] = {
     "Inf in lora_B": (inf_in_lora_b, "q_proj.lora_B.weight in the adapter"),
     "module missing from base": (drop_from_base, "no weight in the base model: model.layers.2.self_attn.q_proj"),
     "base/aligned shape mismatch": (reshape_aligned, "Shapes disagree"),
-    "truncated base": (truncate_base, "not a readable safetensors file"),
+    "truncated base": (truncate_base, "is truncated"),
     "empty base directory": (lambda t: [p.unlink() for p in t.base.iterdir()], "directory"),
 }
 

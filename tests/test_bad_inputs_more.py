@@ -107,6 +107,52 @@ def _deny_reading(c: Ctx, root: Path) -> None:
     c.mp.setattr(safetensors_io, "safe_open", safe_open)
 
 
+def _deny_lookup(c: Ctx, denied: Path) -> None:
+    """The OS refusing to search a directory on the way to `denied` (root ignores chmod in CI); only
+    the path resolution sees it, through a stand-in for the `os` module of `sources`."""
+    import os
+    import types
+
+    from safelora_cli import sources
+
+    def stat(path: object, *args: object, **kwargs: object) -> os.stat_result:
+        if Path(str(path)) == denied:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return os.stat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    stand_in = types.SimpleNamespace(**{name: getattr(os, name) for name in dir(os) if not name.startswith("__")})
+    stand_in.stat = stat
+    c.mp.setattr(sources, "os", stand_in)
+
+
+def _rename_lora_keys(c: Ctx, rename: Callable[[str], str]) -> None:
+    _adapter_tensors(c, lambda t: t.update({rename(k): t.pop(k) for k in list(t)}))
+
+
+def _add_raw_tensor(file: Path, name: str, dtype: str, shape: list[int], data: bytes) -> None:
+    """Append a tensor in a dtype torch may not know, by editing the header and the data."""
+    raw = file.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + n])
+    size = len(raw) - 8 - n
+    header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [size, size + len(data)]}
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    file.write_bytes(struct.pack("<Q", len(encoded)) + encoded + raw[8 + n :] + data)
+
+
+def _replace(path: Path, new_name: str, data: bytes | str) -> Path:
+    """Remove `path` and write `data` as `new_name` beside it (e.g. a .bin instead of a .safetensors)."""
+    path.unlink()
+    _write(path.parent / new_name, data)
+    return path.parent / new_name
+
+
+LFS_POINTER = ("version https://git-lfs.github.com/spec/v1\noid sha256:"
+               "4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 12345\n")
+HTML_PAGE = "<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body>Log in to continue</body></html>\n"
+
+
 def _enospc(*_args: object, **_kwargs: object) -> None:
     raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -120,6 +166,14 @@ SCENARIOS: dict[str, Callable[[Ctx], list[object]]] = {
     "base-missing": lambda c: c.patch(base=c.tmp / "nowhere"),
     "aligned-missing": lambda c: c.patch(aligned=c.tmp / "nowhere"),
     "adapter-missing": lambda c: c.patch(adapter=c.tmp / "nowhere"),
+    # `adapter/` exists in the working directory: a typo, not a Hub id (the Hub, offline here, is asked too).
+    "adapter-typo-beside-local": lambda c: c.mp.chdir(c.tmp / "in") or c.patch(adapter="adapter/nope"),
+    "adapter-bare-name-missing": lambda c: c.mp.chdir(c.tmp / "in") or c.patch(adapter="nope"),
+    "adapter-dangling-link": lambda c: (c.tmp / "in" / "link").symlink_to(c.tmp / "gone")
+    or c.patch(adapter=c.tmp / "in" / "link"),
+    "path-not-utf8": lambda c: c.patch(base=str(c.tmp) + "/ba\udcffse"),
+    "path-too-long": lambda c: c.patch(base=c.tmp / ("b" * 300)),
+    "path-not-searchable": lambda c: _deny_lookup(c, c.trio.base) or c.patch(),
     "base-empty-dir": lambda c: [p.unlink() for p in c.trio.base.iterdir()] and c.patch(),
     "adapter-empty-dir": lambda c: [p.unlink() for p in c.trio.adapter.iterdir()] and c.patch(),
     "adapter-is-file": lambda c: c.patch(adapter=c.trio.adapter / "adapter_config.json"),
@@ -133,12 +187,26 @@ SCENARIOS: dict[str, Callable[[Ctx], list[object]]] = {
     "config-not-lora": lambda c: set_adapter_config(c.trio, peft_type="IA3") or c.patch(),
     "config-dora": lambda c: set_adapter_config(c.trio, use_dora=True) or c.patch(),
     "config-bad-alpha": lambda c: set_adapter_config(c.trio, lora_alpha="sixteen") or c.patch(),
+    "config-string-boolean": lambda c: set_adapter_config(c.trio, fan_in_fan_out="false") or c.patch(),
+    "config-bad-rank": lambda c: set_adapter_config(c.trio, r=0) or c.patch(),
+    "config-bad-rank-pattern": lambda c: set_adapter_config(c.trio, rank_pattern={"q_proj": float("inf")})
+    or c.patch(),
+    "config-pattern-not-object": lambda c: set_adapter_config(c.trio, alpha_pattern=[1]) or c.patch(),
     "config-infinite-alpha": lambda c: set_adapter_config(c.trio, lora_alpha=float("inf")) or c.patch(),
     "config-bad-alpha-pattern": lambda c: set_adapter_config(c.trio, alpha_pattern={"q_proj(": 4}) or c.patch(),
     # --- adapter weights
     "adapter-no-weights": lambda c: (c.trio.adapter / "adapter_model.safetensors").unlink() or c.patch(),
     "adapter-no-lora-keys": lambda c: save_file({"x": torch.zeros(2)},
                                                  str(c.trio.adapter / "adapter_model.safetensors")) or c.patch(),
+    "adapter-unprefixed-keys": lambda c: _rename_lora_keys(c, lambda k: k.removeprefix("base_model.model."))
+    or c.patch(),
+    "adapter-misnamed-keys": lambda c: _rename_lora_keys(
+        c, lambda k: k.replace("lora_A.weight", "lora_A.default.weight") if k == A_KEY else k) or c.patch(),
+    "adapter-fp8-dtype": lambda c: _adapter_tensors(c, _set(B_KEY, lambda b: b.to(torch.float8_e4m3fn)))
+    or c.patch(),
+    "adapter-dtype-torch-lacks": lambda c: _add_raw_tensor(c.trio.adapter / "adapter_model.safetensors",
+                                                           "extra.weight", "F6_E2M3", [4], b"\x01\x02\x03")
+    or c.patch(),
     "adapter-half-module": lambda c: _adapter_tensors(c, lambda t: t.pop(B_KEY)) or c.patch(),
     "adapter-rank-mismatch": lambda c: _adapter_tensors(c, _set(A_KEY, lambda a: a[:-1].clone())) or c.patch(),
     "adapter-int-dtype": lambda c: _adapter_tensors(c, _set(A_KEY, lambda a: a.to(torch.int32))) or c.patch(),
@@ -152,6 +220,13 @@ SCENARIOS: dict[str, Callable[[Ctx], list[object]]] = {
                                               (c.trio.base / "model.safetensors").read_bytes()[:5000]) or c.patch(),
     "safetensors-garbage": lambda c: _write(c.trio.adapter / "adapter_model.safetensors", b"\x00garbage" * 9)
     or c.patch(),
+    "weights-lfs-pointer": lambda c: _write(c.trio.base / "model.safetensors", LFS_POINTER) or c.patch(),
+    "weights-html": lambda c: _write(c.trio.adapter / "adapter_model.safetensors", HTML_PAGE) or c.patch(),
+    "weights-json": lambda c: _replace(c.trio.base / "model.safetensors", "pytorch_model.bin",
+                                       '{"error": "Repository not found"}') and c.patch(),
+    "weights-text": lambda c: _replace(c.trio.adapter / "adapter_model.safetensors", "adapter_model.bin",
+                                       "Access denied\n") and c.patch(),
+    "weights-empty": lambda c: _write(c.trio.base / "model.safetensors", b"") or c.patch(),
     "safetensors-header-too-long": lambda c: _write(
         c.trio.base / "model.safetensors",
         struct.pack("<Q", 10**9) + (c.trio.base / "model.safetensors").read_bytes()[8:]) or c.patch(),
@@ -204,6 +279,7 @@ SCENARIOS: dict[str, Callable[[Ctx], list[object]]] = {
     "rank-without-exact": lambda c: c.patch("--rank", "4"),
     "energy-out-of-range": lambda c: c.patch("--projection", "exact", "--energy", "1.5"),
     "max-selected-malformed": lambda c: c.patch("--max-selected", "lots"),
+    "key-map-unknown-group": lambda c: c.inspect("--key-map", "(?P<a>model)=\\g<b>"),
     "fail-below-out-of-range": lambda c: c.inspect("--fail-below", "3"),
     "missing-option": lambda c: ["patch", "--base", c.trio.base],
     "unknown-device": lambda c: c.inspect("--device", "tpu"),

@@ -292,12 +292,18 @@ def test_demo_into_a_file_is_one_line(tmp_path: Path) -> None:
     assert target.read_text() == "x"
 
 
-def test_names_that_are_not_utf8_are_read_and_written(trio: Trio, tmp_path: Path) -> None:
+def test_an_output_name_that_is_not_utf8_is_written(trio: Trio, tmp_path: Path) -> None:
+    out = Path(os.fsdecode(bytes(tmp_path) + b"/safe-\xfe"))
+    result = run_cli("patch", *trio_args(trio), "--out", out)
+    assert result.exit_code == 0, result.stderr
+    assert (out / "adapter_model.safetensors").is_file()
+    assert "safe-\\xfe" in result.stderr  # shown as an escape, on one line
+
+
+def test_an_input_name_that_is_not_utf8_is_one_line(trio: Trio, tmp_path: Path) -> None:
     odd = Path(os.fsdecode(bytes(tmp_path) + b"/lora-\xff"))
     shutil.copytree(trio.adapter, odd)
-    out = Path(os.fsdecode(bytes(tmp_path) + b"/safe-\xfe"))
-    result = run_cli("patch", "--base", trio.base, "--aligned", trio.aligned, "--adapter", odd, "--out", out)
-    assert result.exit_code == 0, result.stderr
-    report = json.loads((out / REPORT_NAME).read_text(encoding="utf-8"))
-    assert report["inputs"]["adapter"]["path"].endswith("lora-\\xff")
-    assert "# lora-\\xff, patched with Safe LoRA" in (out / "README.md").read_text(encoding="utf-8")
+    result = run_cli("patch", "--base", trio.base, "--aligned", trio.aligned, "--adapter", odd, "--out",
+                     tmp_path / "safe")
+    assert result.exit_code == 1 and result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1
+    assert not (tmp_path / "safe").exists()
