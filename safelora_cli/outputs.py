@@ -18,8 +18,7 @@ from pathlib import Path
 from safelora_cli.errors import OutputError, UsageError
 
 REPORT_NAME = "safelora_report.json"
-# Room for the staging suffix `.partial-PID-XXXXXXXX` beside an output name (see placement).
-STAGING_ROOM = 32
+NAME_MAX = 255  # bytes per path component on the file systems models live on
 
 
 @dataclass(frozen=True)
@@ -56,13 +55,12 @@ def _within(path: Path, root: Path) -> bool:
 
 
 def _check_name(path: Path, label: str) -> None:
-    """Names the file system would refuse, caught before any work rather than after the analysis."""
+    """A name the file system would refuse, caught before any work rather than after the analysis.
+    (Staging names stand a long name in with a short one, see `placement.staging_stem`.)"""
     for part in path.parts:
-        size = len(os.fsencode(part))
-        if size + (STAGING_ROOM if part == path.name else 0) > 255:
-            raise OutputError(f"{label} {path}: the name {part[:40]}… is {size} bytes; file names may hold at most "
-                              f"{255 - STAGING_ROOM} bytes here (255 with room for the temporary name).",
-                              hint="Choose a shorter name.")
+        if len(os.fsencode(part)) > NAME_MAX:
+            raise OutputError(f"{label} {path}: a name in it is {len(os.fsencode(part))} bytes, longer than the file "
+                              f"system allows ({NAME_MAX} bytes per component).", hint="Choose a shorter name.")
 
 
 def _nearest_existing(path: Path) -> Path:

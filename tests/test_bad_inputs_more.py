@@ -24,7 +24,8 @@ from safelora_cli import outputs, placement, writer
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 # Rows handled by other test modules (named in the table) rather than here.
-ELSEWHERE = {"pickle-code"}
+ELSEWHERE = {"pickle-code", "out-changed", "patched-b-overflow", "factors-too-large", "stdout-unwritable",
+             "demo-not-a-directory"}
 Q0 = "model.layers.0.self_attn.q_proj"
 A_KEY, B_KEY = f"base_model.model.{Q0}.lora_A.weight", f"base_model.model.{Q0}.lora_B.weight"
 
@@ -69,6 +70,13 @@ def _index(c: Ctx) -> Path:
     index = c.trio.base / "model.safetensors.index.json"
     index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return index
+
+
+def _zero_lora_b(c: Ctx) -> None:
+    path = c.trio.adapter / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    save_file({k: torch.zeros_like(v) if "lora_B" in k else v for k, v in tensors.items()}, str(path),
+              metadata={"format": "pt"})
 
 
 def _index_edit(c: Ctx, edit: Callable[[dict[str, str]], None]) -> list[object]:
@@ -258,6 +266,12 @@ SCENARIOS: dict[str, Callable[[Ctx], list[object]]] = {
     "out-is-input": lambda c: c.patch("--force", out=c.trio.adapter),
     "out-inside-input": lambda c: c.patch(out=c.trio.adapter / "patched"),
     "out-contains-input": lambda c: c.patch("--force", out=c.trio.adapter.parent),
+    "out-is-link": lambda c: c.tmp.joinpath("link").symlink_to(c.tmp / "elsewhere") or c.patch(out=c.tmp / "link"),
+    "out-not-ours": lambda c: c.out.mkdir() or _write(c.out / "notes.txt", "mine") or c.patch("--force"),
+    "outputs-overlap": lambda c: c.patch("--report-md", c.out / "adapter_model.safetensors"),
+    "out-name-too-long": lambda c: c.patch(out=c.tmp / ("o" * 300)),
+    "same-model": lambda c: c.patch(aligned=c.trio.base),
+    "nothing-evaluated": lambda c: _zero_lora_b(c) or c.patch(),
     "out-is-file": lambda c: _write(c.tmp / "file", "x") or c.patch(out=c.tmp / "file"),
     "out-exists": lambda c: c.out.mkdir() or c.patch(),
     "out-parent-is-file": lambda c: _write(c.tmp / "file", "x") or c.patch(out=c.tmp / "file" / "out"),
