@@ -47,6 +47,35 @@ def _tree(root: Path) -> dict[str, str]:
     return found
 
 
+def test_out_equal_to_input_is_refused(llama_trio: Trio) -> None:
+    before = tree_digest(llama_trio.adapter)
+    result = run_cli("patch", "--base", llama_trio.base, "--aligned", llama_trio.aligned,
+                     "--adapter", llama_trio.adapter, "--out", llama_trio.adapter, "--force")
+    assert result.exit_code == 1
+    assert "is the adapter; inputs are never modified" in result.stderr
+    assert tree_digest(llama_trio.adapter) == before
+
+
+def test_out_inside_input_is_refused(llama_trio: Trio) -> None:
+    out = llama_trio.adapter / "patched"
+    result = run_cli("patch", "--base", llama_trio.base, "--aligned", llama_trio.aligned,
+                     "--adapter", llama_trio.adapter, "--out", out)
+    assert result.exit_code == 1
+    assert "lies inside the adapter" in result.stderr
+    assert not out.exists()
+
+
+def test_existing_out_needs_force(llama_trio: Trio, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = run_cli("patch", "--base", llama_trio.base, "--aligned", llama_trio.aligned,
+                     "--adapter", llama_trio.adapter, "--out", out)
+    assert result.exit_code == 1
+    assert "already exists" in result.stderr and "--force" in result.stderr
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
 PLACES = ("base", "aligned", "adapter", "in")
 
 
