@@ -14,13 +14,32 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+import typer.core
 
 from safelora_cli import __version__, console
 from safelora_cli.config import DEFAULT_THRESHOLD, Projection, SvdMethod
 from safelora_cli.errors import SafeLoraError
 
+def _no_metavar(option: Any) -> Any:
+    """--help is a flag: show no value placeholder for it, like every other flag here."""
+    if option is not None:
+        option.metavar = ""
+    return option
+
+
+class _Command(typer.core.TyperCommand):
+    def get_help_option(self, ctx: Any) -> Any:
+        return _no_metavar(super().get_help_option(ctx))
+
+
+class _Group(typer.core.TyperGroup):
+    def get_help_option(self, ctx: Any) -> Any:
+        return _no_metavar(super().get_help_option(ctx))
+
+
 app = typer.Typer(
     name="safelora",
+    cls=_Group,
     help="Safe LoRA for PEFT adapters: project the layers of a fine-tuned LoRA that drifted from the aligned model "
     "back onto the alignment subspace. No data, no training.",
     no_args_is_help=True,
@@ -128,7 +147,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, metavar="",
                                           help="Print the version and exit.")] = False,
 ) -> None:
     """Safe LoRA for PEFT adapters."""
@@ -189,12 +208,12 @@ _PATCH_HELP = (
     "Examples:\n\n"
     "    safelora patch --base ./base --aligned ./chat --adapter ./lora --out ./safe\n\n"
     "    safelora patch --base ./base --adapter ./lora --out ./safe --top-k 10\n\n"
-    "    safelora patch --base ./base --adapter ./lora --out ./safe --max-selected 20%\n\n"
+    "    safelora patch --base ./base --adapter ./lora --out safe --max-selected 20%\n\n"
     "    safelora patch --base meta-llama/Llama-2-7b-hf --adapter org/lora --out safe\n"
 )
 
 
-@app.command(help=_PATCH_HELP)
+@app.command(help=_PATCH_HELP, cls=_Command)
 def patch(
     base: BaseOpt,
     adapter: AdapterOpt,
@@ -255,7 +274,7 @@ _INSPECT_HELP = (
 )
 
 
-@app.command(help=_INSPECT_HELP)
+@app.command(help=_INSPECT_HELP, cls=_Command)
 def inspect(
     base: BaseOpt,
     adapter: AdapterOpt,
@@ -305,7 +324,7 @@ def inspect(
         _finish(result, None)
 
 
-@app.command(help="Write a tiny Llama-style base / aligned / adapter trio to try the other commands on.\n\n"
+@app.command(cls=_Command, help="Write a tiny Llama-style base / aligned / adapter trio to try the other commands on.\n\n"
              "Example:\n\n    safelora demo ./demo\n")
 def demo(
     directory: Annotated[Path, typer.Argument(help="Where to write base/, aligned/ and adapter/.",

@@ -105,3 +105,26 @@ def test_api_page_examples_run(demo_trio, tmp_path: Path, monkeypatch: pytest.Mo
     assert "4 of 8 layers projected" in out and "gates passed: True" in out
     assert "keeps" in out and "refused: --out demo/adapter/x lies inside the adapter" in out
     assert (demo / "patched-api" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("width", [80, 120])
+@pytest.mark.parametrize("command", [[], ["patch"], ["inspect"], ["demo"]])
+def test_help_reads_cleanly(command: list[str], width: int) -> None:
+    """Examples stay whole copy-pasteable lines, flags show no placeholder, markup eats nothing."""
+    from typer.testing import CliRunner
+
+    from safelora_cli.cli import app
+
+    result = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": str(width)}, terminal_width=width)
+    assert result.exit_code == 0
+    text = result.stdout
+    assert "<bool>" not in text and "<list" not in text and "<str>" not in text
+    if command:
+        source = next(c for c in app.registered_commands if c.callback.__name__ == command[0]).help or ""
+        examples = [line.strip() for line in source.splitlines() if line.startswith("    ")]
+        assert examples
+        lines = {line.strip() for line in text.splitlines()}
+        for example in examples:
+            assert example in lines, f"example wrapped at {width} columns: {example}"
+    if command == ["patch"]:
+        assert "safelora-cli[plot]" in " ".join(text.split())
