@@ -20,6 +20,7 @@ from safelora_cli import __version__, console
 from safelora_cli.config import DEFAULT_THRESHOLD, Projection, SvdMethod
 from safelora_cli.errors import SafeLoraError
 
+
 def _no_metavar(option: Any) -> Any:
     """--help is a flag: show no value placeholder for it, like every other flag here."""
     if option is not None:
@@ -324,8 +325,8 @@ def inspect(
         _finish(result, None)
 
 
-@app.command(cls=_Command, help="Write a tiny Llama-style base / aligned / adapter trio to try the other commands on.\n\n"
-             "Example:\n\n    safelora demo ./demo\n")
+@app.command(cls=_Command, help="Write a tiny Llama-style base / aligned / adapter trio to try the other "
+             "commands on.\n\nExample:\n\n    safelora demo ./demo\n")
 def demo(
     directory: Annotated[Path, typer.Argument(help="Where to write base/, aligned/ and adapter/.",
                                               metavar="DIR")] = Path("demo"),
