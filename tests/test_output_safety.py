@@ -337,3 +337,35 @@ def test_an_input_name_that_is_not_utf8_is_one_line(trio: Trio, tmp_path: Path) 
                      tmp_path / "safe")
     assert result.exit_code == 1 and result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1
     assert not (tmp_path / "safe").exists()
+
+
+def test_out_in_the_hub_cache_is_refused(trio: Trio, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub-cache"
+    (cache / "models--org--lora" / "snapshots" / "abc").mkdir(parents=True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    result = run_cli("patch", *trio_args(trio), "--out", cache / "models--org--lora" / "snapshots" / "abc", "--force")
+    assert result.exit_code == 1 and "lies inside the Hugging Face cache" in result.stderr
+    assert not any((cache / "models--org--lora" / "snapshots" / "abc").iterdir())
+
+
+def test_out_at_the_aligned_model_named_by_the_adapter_config(trio: Trio, tmp_path: Path) -> None:
+    config = json.loads((trio.adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(trio.aligned)
+    (trio.adapter / "adapter_config.json").write_text(json.dumps(config))
+    before = _tree(tmp_path)
+    result = run_cli("patch", "--base", trio.base, "--adapter", trio.adapter, "--out", trio.aligned, "--force")
+    assert result.exit_code == 1 and "is the aligned model" in result.stderr
+    assert _tree(tmp_path) == before
+
+
+def test_several_adapters_cannot_write_over_one_another(trio: Trio, tmp_path: Path) -> None:
+    second = trio.adapter.parent / "other"
+    shutil.copytree(trio.adapter, second)
+    before = _tree(tmp_path)
+    # --out/<name> of each adapter would be the adapter itself.
+    result = run_cli("patch", "--base", trio.base, "--aligned", trio.aligned, "--adapter", trio.adapter,
+                     "--adapter", second, "--out", trio.adapter.parent, "--force")
+    assert result.exit_code == 1 and "is the adapter" in result.stderr
+    assert _tree(tmp_path) == before
