@@ -371,5 +371,10 @@ def demo(
                  f"--adapter {directory}/adapter --out {directory}/patched")
 
 
+from safelora_cli.eval_cli import eval_command  # noqa: E402
+
+app.command("eval")(eval_command)
+
+
 def main() -> None:
     app()
