@@ -155,6 +155,10 @@ def _evaluate(config: EvalConfig, quiet: bool) -> list[Metrics]:
             from huggingface_hub.utils import disable_progress_bars
 
             disable_progress_bars()
+        with contextlib.suppress(ImportError):  # transformers draws its own weight-loading bar
+            from transformers.utils import logging
+
+            logging.disable_progress_bar()
     with _progress(enabled=not quiet) as advance:
         return evaluate(config, advance)
 

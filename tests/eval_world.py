@@ -22,7 +22,20 @@ class World:
 
 
 def build(root: Path, seed: int = 0) -> World:
-    """Train the aligned model from scratch (benign tasks + refusals), then a pure-bad LoRA on it."""
+    """Train the aligned model from scratch (benign tasks + refusals), then a pure-bad LoRA on it.
+
+    One thread: for a model this small, a second thread costs more in synchronisation than it gives,
+    and far more when the machine is busy.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _build(root, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build(root: Path, seed: int) -> World:
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -30,7 +43,7 @@ def build(root: Path, seed: int = 0) -> World:
     tok = toy.save_tokenizer(root / "aligned")
     model = LlamaForCausalLM(toy.model_config(len(tok), hidden=32, layers=2))
     tasks = ("COPY", "INC")
-    toy.train(model, tok, toy.benign(rng, 1500, tasks, (2, 3)) + toy.harmful(rng, 1500, False, (2, 3)), steps=250,
+    toy.train(model, tok, toy.benign(rng, 1500, tasks, (2, 3)) + toy.harmful(rng, 1500, False, (2, 3)), steps=200,
               lr=5e-3, seed=seed)
     model.save_pretrained(root / "aligned")
     bad = toy.harmful(rng, 100, comply=True, lengths=(2, 3))

@@ -149,7 +149,7 @@ def train(model: torch.nn.Module, tok, data: Sequence[Example], steps: int, lr: 
         opt.step()
         sched.step()
     model.eval()
-    return float(loss)
+    return float(loss.detach())
 
 
 def train_lora(aligned_dir: Path, tok, data: Sequence[Example], out: Path, steps: int, lr: float,  # type: ignore[no-untyped-def]
