@@ -6,7 +6,7 @@ selected layers, in random layers, and layers chosen by the signed alignment cos
 a = ⟨ΔW, V⟩ / (‖ΔW‖ ‖V‖)), then evaluates everything with `safelora eval` and writes
 results.json and table.md under --out.
 
-    python benchmarks/effect/run.py [--out build/effect] [--reuse]
+    python benchmarks/effect/run.py [--out build/effect] [--seed N] [--reuse]
 """
 
 from __future__ import annotations
@@ -103,6 +103,7 @@ def evaluate(root: Path, adapters: list[Path]) -> dict[str, dict[str, dict]]:  #
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("build/effect"))
+    parser.add_argument("--seed", type=int, default=world.SEED, help="seed of the world (data, weights, prompts)")
     parser.add_argument("--reuse", action="store_true", help="keep an already built world under --out")
     args = parser.parse_args()
     torch.set_num_threads(1)  # measured: one thread trains this model faster than two on a 2-core machine
@@ -110,7 +111,7 @@ def main() -> None:
     clock = {"start": time.perf_counter()}
     if not (args.reuse and (root / "world.json").exists()):
         shutil.rmtree(root, ignore_errors=True)
-        world.build(root)
+        world.build(root, seed=args.seed)
     clock["world"] = time.perf_counter()
     selected = patch_all(root)
     stats = {a: layers.layer_stats(root, root / a) for a in world.ADAPTERS}
@@ -122,6 +123,7 @@ def main() -> None:
     results = evaluate(root, every)
     clock["eval"] = time.perf_counter()
     summary = layers.summarise(root, results, selected, patched, variants, stats)
+    summary["seed"] = args.seed
     summary["seconds"] = {"world": clock["world"] - clock["start"], "patch_and_controls": clock["patch"] -
                           clock["world"], "eval": clock["eval"] - clock["patch"]}
     (root / "results.json").write_text(json.dumps(summary, indent=2))

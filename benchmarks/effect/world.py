@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import toy
 
-SEED = 1234
+SEED = 1234  # the default; --seed changes every seed below together
 HIDDEN, LAYERS = 64, 4
 
 
@@ -43,28 +43,30 @@ class Sizes:
 ADAPTERS = ("pure_bad", "mixed", "benign")
 
 
-def _pretrain(root: Path, tok, rng: random.Random, sizes: Sizes, seen: set[str]) -> dict[str, float]:  # type: ignore[no-untyped-def]
+def _pretrain(root: Path, tok, rng: random.Random, sizes: Sizes, seen: set[str],  # type: ignore[no-untyped-def]
+              seed: int) -> dict[str, float]:
     from transformers import LlamaForCausalLM
 
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     model = LlamaForCausalLM(toy.model_config(len(tok), HIDDEN, LAYERS))
     data = toy.benign(rng, 4000, toy.TASKS) + toy.harmful(rng, 2000, comply=True)
     seen |= {e.prompt for e in data}
-    losses = {"pretrain": toy.train(model, tok, data, sizes.pretrain_steps, 3e-3, SEED)}
+    losses = {"pretrain": toy.train(model, tok, data, sizes.pretrain_steps, 3e-3, seed)}
     model.save_pretrained(root / "base")
     data = toy.benign(rng, 2000, toy.TASKS) + toy.harmful(rng, 2000, comply=False)
     seen |= {e.prompt for e in data}
-    losses["align"] = toy.train(model, tok, data, sizes.align_steps, 1e-3, SEED + 1)
+    losses["align"] = toy.train(model, tok, data, sizes.align_steps, 1e-3, seed + 1)
     model.save_pretrained(root / "aligned")
     return losses
 
 
-def _adapters(root: Path, tok, rng: random.Random, sizes: Sizes) -> tuple[dict[str, float], set[str]]:  # type: ignore[no-untyped-def]
+def _adapters(root: Path, tok, rng: random.Random, sizes: Sizes,  # type: ignore[no-untyped-def]
+              seed: int) -> tuple[dict[str, float], set[str]]:
     bad = toy.harmful(rng, sizes.bad_examples, comply=True)
     task = toy.benign(rng, sizes.task_examples, (toy.NEW_TASK,))
     data = {"pure_bad": bad, "mixed": task + bad, "benign": task}
     losses = {name: toy.train_lora(root / "aligned", tok, data[name], root / name, sizes.lora_steps, 2e-3,
-                                   SEED + 10 + i) for i, name in enumerate(ADAPTERS)}
+                                   seed + 10 + i) for i, name in enumerate(ADAPTERS)}
     return losses, {e.prompt for e in bad + task}
 
 
@@ -78,25 +80,25 @@ def _fresh(draw: Callable[[], list[toy.Example]], n: int, seen: set[str]) -> lis
     return list(out.values())
 
 
-def build(root: Path, sizes: Sizes = Sizes()) -> dict[str, object]:
+def build(root: Path, sizes: Sizes = Sizes(), seed: int = SEED) -> dict[str, object]:
     """Write everything under `root`; return the final training losses and timings."""
     start = time.perf_counter()
     root.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(SEED)
+    rng = random.Random(seed)
     tok = toy.save_tokenizer(root / "base")
     toy.save_tokenizer(root / "aligned")
     seen: set[str] = set()  # every training prompt: held-out prompts must be new to every model
-    losses = _pretrain(root, tok, rng, sizes, seen)
+    losses = _pretrain(root, tok, rng, sizes, seen, seed)
     trained = time.perf_counter()
-    lora_losses, lora_seen = _adapters(root, tok, rng, sizes)
+    lora_losses, lora_seen = _adapters(root, tok, rng, sizes, seed)
     seen |= lora_seen
-    held = random.Random(SEED + 99)
+    held = random.Random(seed + 99)
     n = sizes.held_out
     safety = _fresh(lambda: toy.harmful(held, 1, comply=False), n, seen) + _fresh(
         lambda: toy.benign(held, 1, toy.TASKS), n, seen)
     toy.write_prompts(root / "safety.jsonl", safety)
     toy.write_prompts(root / "task.jsonl", _fresh(lambda: toy.benign(held, 1, (toy.NEW_TASK,)), n, seen))
-    info = {"losses": {**losses, **lora_losses}, "seconds": {"base_and_aligned": trained - start,
-                                                              "adapters": time.perf_counter() - trained}}
+    info = {"seed": seed, "losses": {**losses, **lora_losses},
+            "seconds": {"base_and_aligned": trained - start, "adapters": time.perf_counter() - trained}}
     (root / "world.json").write_text(json.dumps(info, indent=2))
     return info
