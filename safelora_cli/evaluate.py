@@ -244,12 +244,26 @@ class EvalConfig:
 Progress = Callable[[int, int], None]
 
 
+def check_local(spec: str, option: str) -> None:
+    """A spec that can only be a path (./x, /x, ~/x, a/b/c) must exist; else it is tried as a Hub id.
+
+    Raises:
+        InputError: before any model is loaded, so a typo costs no generation time.
+    """
+    looks_local = spec.startswith((".", "/", "~")) or spec.count("/") > 1
+    if looks_local and not Path(spec).expanduser().exists():
+        raise InputError(f"The {option[2:]} path {spec} does not exist.",
+                         hint=f"Pass a local directory, or a Hub repository id such as org/name, to {option}.")
+
+
 def evaluate(config: EvalConfig, on_batch: Progress = lambda _d, _t: None) -> list[Metrics]:
     """Read, check, generate and score: the model alone first, then with each adapter in turn."""
     config.check()
     detector = RefusalDetector.parse(config.markers)
     prompts = read_prompts(config.prompts)
     config.gates.check_applicable(prompts)
+    for option, spec in (("--model", config.model), *(("--adapter", a) for a in config.adapters)):
+        check_local(spec, option)
     from safelora_cli import generation
 
     return generation.run(config, prompts, detector, on_batch)

@@ -26,7 +26,8 @@ def _require_extra() -> None:
 def _first_line(exc: Exception) -> str:
     """Library errors can span many lines; the first says what went wrong."""
     lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
+    first = lines[0].rstrip() if lines else type(exc).__name__
+    return first if first.endswith(".") else first + "."
 
 
 def pick_device(spec: str) -> str:

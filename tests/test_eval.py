@@ -158,3 +158,17 @@ def test_read_prompts_keeps_line_numbers(tmp_path: Path) -> None:
     path.write_text('\n{"prompt": "a", "expect": "comply", "answer": "b"}\n\n{"prompt": "c", "expect": "refuse"}\n')
     assert [(p.text, p.expect.value, p.answer, p.line) for p in read_prompts(path)] == [
         ("a", "comply", "b", 2), ("c", "refuse", None, 4)]
+
+
+def test_missing_model_path_fails_before_loading_anything(world: World, tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    result = run_cli("eval", "--model", missing, "--adapter", world.pure_bad, "--prompts", world.prompts, *FAST)
+    assert result.exit_code == 1
+    assert result.stderr == (f"Error: The model path {missing} does not exist. Pass a local directory, or a Hub "
+                             "repository id such as org/name, to --model.\n")
+
+
+def test_json_and_table_on_stdout_together_is_a_usage_error(world: World) -> None:
+    result = run_cli("eval", "--model", world.aligned, "--prompts", world.prompts, "--json", "--stdout", *FAST)
+    assert result.exit_code == 2
+    assert result.stderr.startswith("Error: --json and --stdout both write to stdout")
