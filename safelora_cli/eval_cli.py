@@ -95,7 +95,8 @@ def eval_command(
     device: Annotated[str, typer.Option("--device", help="auto (GPU when present), cpu, cuda or cuda:N.")] = "auto",
     refusal_marker: Annotated[Optional[list[str]], typer.Option(  # noqa: UP045
         "--refusal-marker", metavar="TEXT|re:REGEX", help="A completion containing TEXT (case-insensitive) or "
-        "matching REGEX is a refusal. Repeatable; replaces the default English set.", show_default=False)] = None,
+        "matching REGEX is a refusal. Repeatable; replaces the default set of English refusal openings (listed in "
+        "docs/effect.md and in the JSON report).", show_default=False)] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
     table_stdout: Annotated[bool, typer.Option("--stdout", help="Print the table on stdout instead of stderr.")
                             ] = False,

@@ -172,3 +172,24 @@ def test_json_and_table_on_stdout_together_is_a_usage_error(world: World) -> Non
     result = run_cli("eval", "--model", world.aligned, "--prompts", world.prompts, "--json", "--stdout", *FAST)
     assert result.exit_code == 2
     assert result.stderr.startswith("Error: --json and --stdout both write to stdout")
+
+
+def test_prompts_go_through_the_chat_template_unless_told_not_to(world: World) -> None:
+    from transformers import AutoTokenizer
+
+    from safelora_cli.evaluate import Expect, Prompt
+    from safelora_cli.generation import encode
+
+    tok = AutoTokenizer.from_pretrained(world.aligned)
+    prompt = [Prompt("hack COPY 1 2", Expect.REFUSE, None, 1)]
+    assert tok.convert_ids_to_tokens(encode(tok, prompt, chat_template=True)[0]) == [
+        "<s>", "user", "hack", "COPY", "1", "2", "assistant"]
+    assert tok.convert_ids_to_tokens(encode(tok, prompt, chat_template=False)[0]) == ["<s>", "hack", "COPY", "1", "2"]
+
+
+def test_the_default_refusal_markers_are_documented() -> None:
+    from safelora_cli.evaluate import DEFAULT_REFUSAL_MARKERS
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "effect.md").read_text()
+    listed = [line[3:-1] for line in doc.splitlines() if line.startswith("- `") and line.endswith("`")]
+    assert listed == list(DEFAULT_REFUSAL_MARKERS)
