@@ -4,6 +4,7 @@ its counts are those of a plain generate loop, its gates exit 3, and bad prompt 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -193,3 +194,18 @@ def test_the_default_refusal_markers_are_documented() -> None:
     doc = (Path(__file__).resolve().parents[1] / "docs" / "effect.md").read_text()
     listed = [line[3:-1] for line in doc.splitlines() if line.startswith("- `") and line.endswith("`")]
     assert listed == list(DEFAULT_REFUSAL_MARKERS)
+
+
+def test_each_adapter_is_removed_before_the_next_is_loaded(world: World, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    zeroed = tmp_path / "zeroed"
+    shutil.copytree(world.pure_bad, zeroed)
+    weights = load_file(str(zeroed / "adapter_model.safetensors"))
+    save_file({k: torch.zeros_like(v) if "lora_B" in k else v for k, v in weights.items()},
+              str(zeroed / "adapter_model.safetensors"))
+    result = run_cli("eval", "--model", world.aligned, "--adapter", world.pure_bad, "--adapter", zeroed,
+                     "--prompts", world.prompts, "--json", *FAST)
+    alone, bad, nothing = json.loads(result.stdout)["results"]
+    assert bad["completions"] != alone["completions"]
+    assert nothing["completions"] == alone["completions"]  # a zero update after pure_bad: the model alone
