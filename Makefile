@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # Override for a GPU machine, e.g. `make install TORCH="torch==2.13.0 --index-url <cuda index>"`.
 TORCH ?= torch==2.13.0
 
-.PHONY: install test lint demo bench docs clean
+.PHONY: install test lint demo bench effect docs clean
 
 install: $(BIN)/safelora
 
@@ -32,6 +32,11 @@ demo: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_patch.py
+
+# Does patching restore refusals and keep the task? Trains a toy trio, patches, evaluates (docs/effect.md).
+# `install` brings transformers and peft (the eval extra) with the test extra.
+effect: install
+	$(BIN)/python benchmarks/effect/run.py --out build/effect
 
 docs: install
 	$(BIN)/python -m safelora_cli.clidoc > docs/cli.md

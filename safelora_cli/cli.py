@@ -6,9 +6,6 @@ is imported inside the commands.
 
 from __future__ import annotations
 
-import contextlib
-import signal
-from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -18,7 +15,7 @@ import typer.core
 
 from safelora_cli import __version__, console
 from safelora_cli.config import DEFAULT_THRESHOLD, Projection, SvdMethod
-from safelora_cli.errors import SafeLoraError
+from safelora_cli.exits import user_errors
 
 
 def _no_metavar(option: Any) -> Any:
@@ -125,21 +122,6 @@ PlotOpt = Annotated[Optional[Path], _opt(  # noqa: UP045
     "--plot", metavar="FILE.png", help="Also draw cosine per layer and module to a PNG (needs the plot extra: "
     "pip install 'safelora-cli\\[plot]').")]
 
-_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
-
-
-class _Signalled(BaseException):
-    """SIGTERM or SIGHUP, raised where the program is, so that staging is removed on the way out."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _raise_signal(signum: int, _frame: object) -> None:
-    raise _Signalled(signum)
-
-
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"safelora-cli {__version__}")
@@ -152,26 +134,6 @@ def _root(
                                           help="Print the version and exit.")] = False,
 ) -> None:
     """Safe LoRA for PEFT adapters."""
-
-
-@contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """The one place user errors and signals become 'Error: …' lines and exit codes; bugs keep tracebacks."""
-    previous = {s: signal.signal(s, _raise_signal) for s in _SIGNALS}
-    try:
-        yield
-    except SafeLoraError as exc:
-        console.error(exc.message, exc.hint)
-        raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        console.error("Interrupted; nothing was written.")
-        raise typer.Exit(130) from None
-    except _Signalled as exc:
-        console.error(f"Stopped by {signal.Signals(exc.signum).name}; nothing was written.")
-        raise typer.Exit(128 + exc.signum) from None
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
 
 
 def _common(quiet: bool) -> dict[str, Any]:
@@ -338,6 +300,11 @@ def demo(
     console.info(f"Wrote {directory}/base, {directory}/aligned and {directory}/adapter. Try:")
     console.info(f"  safelora patch --base {directory}/base --aligned {directory}/aligned "
                  f"--adapter {directory}/adapter --out {directory}/patched")
+
+
+from safelora_cli.eval_cli import eval_command  # noqa: E402
+
+app.command("eval", cls=_Command)(eval_command)
 
 
 def main() -> None:

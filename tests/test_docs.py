@@ -108,7 +108,7 @@ def test_api_page_examples_run(demo_trio, tmp_path: Path, monkeypatch: pytest.Mo
 
 
 @pytest.mark.parametrize("width", [80, 120])
-@pytest.mark.parametrize("command", [[], ["patch"], ["inspect"], ["demo"]])
+@pytest.mark.parametrize("command", [[], ["patch"], ["inspect"], ["demo"], ["eval"]])
 def test_help_reads_cleanly(command: list[str], width: int) -> None:
     """Examples stay whole copy-pasteable lines, flags show no placeholder, markup eats nothing."""
     from typer.testing import CliRunner
@@ -120,8 +120,11 @@ def test_help_reads_cleanly(command: list[str], width: int) -> None:
     text = result.stdout
     assert "<bool>" not in text and "<list" not in text and "<str>" not in text
     if command:
-        source = next(c for c in app.registered_commands if c.callback.__name__ == command[0]).help or ""
-        examples = [line.strip() for line in source.splitlines() if line.startswith("    ")]
+        import inspect as pyinspect
+
+        found = next(c for c in app.registered_commands if (c.name or c.callback.__name__) == command[0])
+        source = found.help or pyinspect.cleandoc(found.callback.__doc__ or "")
+        examples = [line.strip() for line in source.splitlines() if line.startswith("    safelora")]
         assert examples
         lines = {line.strip() for line in text.splitlines()}
         for example in examples:
