@@ -170,16 +170,10 @@ def eval_command(
 
 def _checked_report_path(path: Path, sources: tuple[str, ...]) -> Path:
     """The same output rule as patch and inspect: never at or inside an input or the Hub cache."""
-    from huggingface_hub import constants
+    from safelora_cli.outputs import plan_outputs, protected
 
-    from safelora_cli.outputs import plan_outputs
-
-    inputs = {"Hugging Face cache": Path(constants.HF_HUB_CACHE).expanduser().resolve()}
-    for spec in sources:
-        local = Path(spec).expanduser()
-        if local.exists():
-            inputs[f"input {spec}"] = local.resolve()
-    plan = plan_outputs(None, False, path.expanduser(), None, [], inputs)
+    local = {f"input {spec}": Path(spec).expanduser() for spec in sources if Path(spec).expanduser().exists()}
+    plan = plan_outputs(None, False, path.expanduser(), None, [], protected(local))
     assert plan.report_md is not None
     return plan.report_md.path
 

@@ -150,6 +150,16 @@ def _is_dir(target: Target) -> bool:
     return target.label.startswith("--out")
 
 
+def protected(inputs: dict[str, Path]) -> dict[str, Path]:
+    """What no output may touch: the inputs given (a description → a directory), resolved, and the
+    Hugging Face cache as a whole, since a Hub input is read from it."""
+    from huggingface_hub import constants
+
+    found = {"Hugging Face cache": Path(constants.HF_HUB_CACHE).expanduser().resolve()}
+    found.update({name: path.resolve() for name, path in inputs.items()})
+    return found
+
+
 def plan_outputs(out: Path | None, force: bool, report_md: Path | None, plot: Path | None,
                  adapters: list[str], inputs: dict[str, Path]) -> OutputPlan:
     """Check and name every path the run writes.
@@ -160,7 +170,7 @@ def plan_outputs(out: Path | None, force: bool, report_md: Path | None, plot: Pa
         force: whether an existing output directory may be replaced (see the module docstring).
         report_md, plot: the optional side files; with several adapters, one plot each.
         adapters: the adapter specs, for the subdirectory names.
-        inputs: what must never be written: a description → a resolved directory.
+        inputs: what must never be written: a description → a resolved directory (see `protected`).
 
     Raises:
         OutputError, UsageError: naming the path and what to do instead.

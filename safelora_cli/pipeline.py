@@ -19,7 +19,7 @@ from safelora_cli.analysis import Analysis, Job, OnLayer, analyze, resolve_devic
 from safelora_cli.checkpoint import Checkpoint
 from safelora_cli.config import Inputs, Method, Outputs
 from safelora_cli.errors import InputError, UsageError
-from safelora_cli.outputs import OutputPlan, plan_outputs
+from safelora_cli.outputs import OutputPlan, plan_outputs, protected
 from safelora_cli.pairing import needed_weight_keys, pair_layers
 from safelora_cli.placement import make_parents, os_error, remove_created, write_file
 from safelora_cli.report import Report, build_report, text_of_path
@@ -42,25 +42,19 @@ def _aligned_spec(inputs: Inputs, adapters: list[tuple[Origin, Adapter]]) -> tup
     return named.pop()
 
 
-def _hub_cache() -> Path:
-    from huggingface_hub import constants
-
-    return Path(constants.HF_HUB_CACHE).expanduser()
-
-
 def _local_inputs(inputs: Inputs, aligned: tuple[str, str | None],
                   adapters: list[tuple[Origin, Adapter]]) -> dict[str, Path]:
     """Every directory a run reads, resolved: what no output may touch. A model from the Hub is
     read from its cache, which counts as a whole."""
-    found: dict[str, Path] = {"Hugging Face cache": _hub_cache().resolve()}
+    found: dict[str, Path] = {}
     for label, spec, revision in (("base", inputs.base, inputs.base_revision), ("aligned", *aligned)):
         path = parse_spec(spec, revision, label).path  # also refuses a malformed spec before any work
         if path is not None:
-            found[f"{label} model"] = path.resolve()
+            found[f"{label} model"] = path
     for i, (origin, adapter) in enumerate(adapters):
         label = "adapter" if len(adapters) == 1 else f"adapter {origin.spec}"
-        found[label if label not in found else f"{label} ({i + 1})"] = (adapter.root or adapter.path).resolve()
-    return found
+        found[label if label not in found else f"{label} ({i + 1})"] = adapter.root or adapter.path
+    return protected(found)
 
 
 def _refuse_same_model(base: Origin, aligned: Origin) -> None:
