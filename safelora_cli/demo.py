@@ -167,27 +167,14 @@ def write_demo(directory: Path) -> None:
         OutputError: it cannot be written (disk full, permissions).
     """
     import os
-    import shutil
 
     from safelora_cli.errors import UsageError
-    from safelora_cli.placement import make_parents, make_staging, os_error, place, remove_created
+    from safelora_cli.placement import write_directory
 
     if os.path.lexists(directory) and (directory.is_symlink() or not directory.is_dir()):
         raise UsageError(f"{directory} exists and is not a directory.", hint="Choose a new directory.")
     if directory.is_dir() and any(directory.iterdir()):
         raise UsageError(f"{directory} exists and is not empty.", hint="Choose a new directory.")
     existed = (os.stat(directory).st_dev, os.stat(directory).st_ino) if directory.is_dir() else None
-    created: list[Path] = []
-    staging: Path | None = None
-    try:
-        created = make_parents(directory)
-        staging = make_staging(directory)
-        write_trio(staging, final_root=directory.absolute())
-        place(staging, directory, existed, "demo directory")
-        staging = None
-    except OSError as exc:
-        raise os_error(exc, directory) from None
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-            remove_created(created)
+    write_directory(directory, existed, "demo directory",
+                    lambda staging: write_trio(staging, final_root=directory.absolute()))

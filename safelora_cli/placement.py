@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from safelora_cli.errors import OutputError
@@ -137,6 +138,33 @@ def place(staging: Path, target: Path, existed: tuple[int, int] | None, label: s
             raise changed from None
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def write_directory(target: Path, existed: tuple[int, int] | None, label: str, build: Callable[[Path], None]) -> None:
+    """Fill a staging directory with `build(staging)` and put it at `target`: whole, or not at all.
+
+    On any failure the staging directory and the parents made for `target` are removed.
+
+    Raises:
+        OutputError: a write failed (disk full, permissions) or something else now stands at `target`.
+    """
+    created: list[Path] = []
+    staging: Path | None = None
+    placed = False
+    try:
+        created = make_parents(target)
+        remove_stale_staging(target)
+        staging = make_staging(target)
+        build(staging)
+        place(staging, target, existed, label)
+        placed = True
+    except OSError as exc:
+        raise os_error(exc, target) from None
+    finally:
+        if not placed:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+            remove_created(created)
 
 
 def _owner(name: str, stem: str) -> tuple[str, int] | None:

@@ -22,7 +22,7 @@ from safelora_cli.adapter import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME,
 from safelora_cli.card import model_card
 from safelora_cli.errors import InputError
 from safelora_cli.outputs import REPORT_NAME, Target
-from safelora_cli.placement import make_parents, make_staging, os_error, place, remove_created, remove_stale_staging
+from safelora_cli.placement import write_directory
 from safelora_cli.report import Report, text_of_path, to_json
 from safelora_cli.safetensors_io import open_safetensors, read_tensor, write_safetensors
 
@@ -142,19 +142,6 @@ def write_patched_adapter(target: Target, adapter: Adapter, patched: dict[str, t
             nothing is left behind (staging and any parent directories created are removed).
     """
     out = target.path
-    created: list[Path] = []
-    staging: Path | None = None
-    try:
-        created = make_parents(out)
-        remove_stale_staging(out)
-        staging = make_staging(out)
-        _build(staging, adapter, patched, copy, report, provenance_record, title)
-        place(staging, out, target.existed, target.label)
-        staging = None
-    except OSError as exc:
-        raise os_error(exc, out) from None
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-            remove_created(created)
+    write_directory(out, target.existed, target.label,
+                    lambda staging: _build(staging, adapter, patched, copy, report, provenance_record, title))
     return out
