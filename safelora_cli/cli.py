@@ -16,6 +16,7 @@ import typer.core
 from safelora_cli import __version__, console
 from safelora_cli.config import DEFAULT_THRESHOLD, Projection, SvdMethod
 from safelora_cli.exits import user_errors
+from safelora_cli.options import SOURCE, DeviceOpt, option
 
 
 def _no_metavar(option: Any) -> Any:
@@ -46,9 +47,6 @@ app = typer.Typer(
     rich_markup_mode="markdown",
 )
 
-SOURCE = "PATH|ORG/NAME[@REV]"
-
-
 class OutputFormat(str, Enum):
     TABLE = "table"
     JSON = "json"
@@ -62,63 +60,57 @@ class SortKey(str, Enum):
     MODULE = "module"
 
 
-def _opt(*names: str, help: str, metavar: str | None = None) -> Any:  # noqa: A002 - typer's own keyword
-    return typer.Option(*names, help=help, metavar=metavar, show_default=False)
-
-
 # Options shared by both commands, declared once.
-BaseOpt = Annotated[str, _opt("--base", metavar=SOURCE, help="Base (unaligned) model, e.g. Llama-2-7b: a local "
+BaseOpt = Annotated[str, option("--base", metavar=SOURCE, help="Base (unaligned) model, e.g. Llama-2-7b: a local "
                               "directory (safetensors or .bin, single or sharded) or a Hub id.")]
-AlignedOpt = Annotated[Optional[str], _opt(  # noqa: UP045 - typer needs Optional on 3.10
+AlignedOpt = Annotated[Optional[str], option(  # noqa: UP045 - typer needs Optional on 3.10
     "--aligned", metavar=SOURCE, help="Safety-aligned model the adapter was trained on, e.g. Llama-2-7b-chat. "
     "Default: the model the adapter's config names (base_model_name_or_path).")]
-AdapterOpt = Annotated[list[str], _opt(
+AdapterOpt = Annotated[list[str], option(
     "--adapter", metavar=SOURCE, help="PEFT LoRA adapter: a directory or a Hub id. Repeat it to analyse several "
     "adapters of the same base and aligned models in one pass over the weights.")]
-BaseRevisionOpt = Annotated[Optional[str], _opt(  # noqa: UP045
+BaseRevisionOpt = Annotated[Optional[str], option(  # noqa: UP045
     "--base-revision", metavar="REV", help="Hub branch, tag or commit of --base (default: the main branch).")]
-AlignedRevisionOpt = Annotated[Optional[str], _opt(  # noqa: UP045
+AlignedRevisionOpt = Annotated[Optional[str], option(  # noqa: UP045
     "--aligned-revision", metavar="REV", help="Hub branch, tag or commit of --aligned.")]
-AdapterRevisionOpt = Annotated[Optional[str], _opt(  # noqa: UP045
+AdapterRevisionOpt = Annotated[Optional[str], option(  # noqa: UP045
     "--adapter-revision", metavar="REV", help="Hub branch, tag or commit of --adapter.")]
-TokenOpt = Annotated[Optional[str], _opt(  # noqa: UP045
+TokenOpt = Annotated[Optional[str], option(  # noqa: UP045
     "--token", metavar="TOKEN", help="Hugging Face token for private or gated repositories. Default: HF_TOKEN, or "
     "the token saved by `hf auth login`.")]
-ThresholdOpt = Annotated[Optional[float], _opt(  # noqa: UP045
+ThresholdOpt = Annotated[Optional[float], option(  # noqa: UP045
     "--threshold", metavar="TAU", help=f"Select layers whose cosine is ≤ TAU (the paper's rule). Default "
     f"{DEFAULT_THRESHOLD} when --top-k is not given.")]
-TopKOpt = Annotated[Optional[int], _opt(  # noqa: UP045
+TopKOpt = Annotated[Optional[int], option(  # noqa: UP045
     "--top-k", metavar="K", help="Select exactly K layers with the lowest cosines (ties: earlier layer first).")]
 ProjectionOpt = Annotated[Projection, typer.Option(
     "--projection", help="approx: the paper's C = V·Vᵀ/‖V‖_F. exact: orthogonal projection onto V's top "
     "singular directions (needs --rank or --energy).")]
-RankOpt = Annotated[Optional[int], _opt(  # noqa: UP045
+RankOpt = Annotated[Optional[int], option(  # noqa: UP045
     "--rank", metavar="K", help="With --projection exact: keep V's top K singular directions.")]
-EnergyOpt = Annotated[Optional[float], _opt(  # noqa: UP045
+EnergyOpt = Annotated[Optional[float], option(  # noqa: UP045
     "--energy", metavar="E", help="With --projection exact: keep the fewest directions holding this fraction of Σσ².")]
 SvdOpt = Annotated[SvdMethod, typer.Option(
     "--svd", help="SVD for --projection exact: auto picks randomized for a small --rank, full otherwise.")]
-AdapterNameOpt = Annotated[Optional[str], _opt(  # noqa: UP045
+AdapterNameOpt = Annotated[Optional[str], option(  # noqa: UP045
     "--adapter-name", metavar="NAME", help="Which of several adapters saved in one directory (PEFT saves a "
     "non-default adapter in a subfolder named after it).")]
-KeyMapOpt = Annotated[Optional[list[str]], _opt(  # noqa: UP045
+KeyMapOpt = Annotated[Optional[list[str]], option(  # noqa: UP045
     "--key-map", metavar="REGEX=REPLACEMENT", help="Rewrite adapter module names before looking up their weights, "
     "e.g. `'^backbone\\.=model.'`. Repeatable; applied in order.")]
-DeviceOpt = Annotated[str, typer.Option("--device", metavar="DEVICE", help="auto (GPU when present), cpu, cuda or "
-                                        "cuda:N.")]
-JsonOpt = Annotated[bool, _opt("--json", metavar="", help="Print the report as JSON on stdout (several adapters: "
+JsonOpt = Annotated[bool, option("--json", metavar="", help="Print the report as JSON on stdout (several adapters: "
                                "an array).")]
 SortOpt = Annotated[SortKey, typer.Option("--sort", help="Row order of the layer table.")]
-QuietOpt = Annotated[bool, _opt("--quiet", "-q", metavar="", help="Print nothing but errors on stderr.")]
-MaxSelectedOpt = Annotated[Optional[str], _opt(  # noqa: UP045
+QuietOpt = Annotated[bool, option("--quiet", "-q", metavar="", help="Print nothing but errors on stderr.")]
+MaxSelectedOpt = Annotated[Optional[str], option(  # noqa: UP045
     "--max-selected", metavar="N|N%", help="Gate: exit 3 when the rule selects more than N layers, or more than N% "
     "of them (a sign the fine-tune drifted far from the aligned model). Outputs are still written.")]
-FailBelowOpt = Annotated[Optional[float], _opt(  # noqa: UP045
+FailBelowOpt = Annotated[Optional[float], option(  # noqa: UP045
     "--fail-below", metavar="TAU", help="Gate: exit 3 when any defined cosine is below TAU. Outputs are still "
     "written.")]
-ReportMdOpt = Annotated[Optional[Path], _opt(  # noqa: UP045
+ReportMdOpt = Annotated[Optional[Path], option(  # noqa: UP045
     "--report-md", metavar="FILE", help="Also write the report as Markdown to FILE.")]
-PlotOpt = Annotated[Optional[Path], _opt(  # noqa: UP045
+PlotOpt = Annotated[Optional[Path], option(  # noqa: UP045
     "--plot", metavar="FILE.png", help="Also draw cosine per layer and module to a PNG (needs the plot extra: "
     "pip install 'safelora-cli\\[plot]').")]
 
@@ -180,7 +172,7 @@ _PATCH_HELP = (
 def patch(
     base: BaseOpt,
     adapter: AdapterOpt,
-    out: Annotated[Path, _opt("--out", metavar="DIR", help="Directory to create for the patched adapter; with "
+    out: Annotated[Path, option("--out", metavar="DIR", help="Directory to create for the patched adapter; with "
                               "several --adapter, each goes to DIR/NAME, NAME being the adapter's directory name.")],
     aligned: AlignedOpt = None,
     base_revision: BaseRevisionOpt = None,
@@ -194,7 +186,7 @@ def patch(
     energy: EnergyOpt = None,
     svd: SvdOpt = SvdMethod.AUTO,
     device: DeviceOpt = "auto",
-    force: Annotated[bool, _opt("--force", metavar="", help="Replace --out if it is empty or an earlier patched "
+    force: Annotated[bool, option("--force", metavar="", help="Replace --out if it is empty or an earlier patched "
                                 "adapter.")] = False,
     adapter_name: AdapterNameOpt = None,
     key_map: KeyMapOpt = None,

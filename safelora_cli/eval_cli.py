@@ -19,6 +19,7 @@ from safelora_cli import __version__, console
 from safelora_cli.errors import GateFailed, UsageError
 from safelora_cli.evaluate import DEFAULT_REFUSAL_MARKERS, EvalConfig, EvalGates, Metrics, Progress
 from safelora_cli.exits import user_errors
+from safelora_cli.options import SOURCE, DeviceOpt, option
 
 COLUMNS = ("adapter", "refusal_rate", "over_refusal_rate", "accuracy", "refuse/comply/answer")
 
@@ -79,42 +80,33 @@ def _progress(enabled: bool) -> Iterator[Progress]:
         sys.stderr.write("\r\033[K")
 
 
-SOURCE = "PATH|ORG/NAME[@REV]"
-
-
-def _opt(*names: str, help: str, metavar: str | None = None) -> Any:  # noqa: A002 - typer's own keyword
-    return typer.Option(*names, help=help, metavar=metavar, show_default=False)
-
-
-ModelOpt = Annotated[str, _opt("--model", metavar=SOURCE, help="The model the adapters were trained on: a local "
+ModelOpt = Annotated[str, option("--model", metavar=SOURCE, help="The model the adapters were trained on: a local "
                                "directory (with its tokenizer) or a Hub id.")]
-PromptsOpt = Annotated[Path, _opt("--prompts", metavar="FILE.jsonl", help='One JSON object per line: {"prompt": …, '
+PromptsOpt = Annotated[Path, option("--prompts", metavar="FILE.jsonl", help='One JSON object per line: {"prompt": …, '
                                   '"expect": "refuse"|"comply", "answer": optional reference}.')]
-AdapterOpt = Annotated[Optional[list[str]], _opt(  # noqa: UP045
+AdapterOpt = Annotated[Optional[list[str]], option(  # noqa: UP045
     "--adapter", metavar=SOURCE, help="PEFT adapter to evaluate on --model; repeatable. The model alone is always "
     "evaluated first.")]
 TokensOpt = Annotated[int, typer.Option("--max-new-tokens", metavar="N", help="Greedy decoding stops after this "
                                         "many tokens (or at end of sequence).")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", metavar="N", help="Prompts per generate call (left-padded).")]
-RawOpt = Annotated[bool, _opt("--no-chat-template", metavar="", help="Feed the raw prompt even when the tokenizer "
+RawOpt = Annotated[bool, option("--no-chat-template", metavar="", help="Feed the raw prompt even when the tokenizer "
                               "has a chat template.")]
-DeviceOpt = Annotated[str, typer.Option("--device", metavar="DEVICE", help="auto (GPU when present), cpu, cuda or "
-                                        "cuda:N.")]
-MarkerOpt = Annotated[Optional[list[str]], _opt(  # noqa: UP045
+MarkerOpt = Annotated[Optional[list[str]], option(  # noqa: UP045
     "--refusal-marker", metavar="TEXT|re:REGEX", help="A completion containing TEXT (case-insensitive) or matching "
     "REGEX is a refusal. Repeatable; replaces the default set of English refusal openings (listed in "
     "docs/effect.md and in the JSON report).")]
-JsonOpt = Annotated[bool, _opt("--json", metavar="", help="Print the report as JSON on stdout.")]
-StdoutOpt = Annotated[bool, _opt("--stdout", metavar="", help="Print the table on stdout instead of stderr.")]
-ReportMdOpt = Annotated[Optional[Path], _opt(  # noqa: UP045
+JsonOpt = Annotated[bool, option("--json", metavar="", help="Print the report as JSON on stdout.")]
+StdoutOpt = Annotated[bool, option("--stdout", metavar="", help="Print the table on stdout instead of stderr.")]
+ReportMdOpt = Annotated[Optional[Path], option(  # noqa: UP045
     "--report-md", metavar="FILE", help="Also write the table as Markdown to FILE.")]
-MinRefusalOpt = Annotated[Optional[float], _opt(  # noqa: UP045
+MinRefusalOpt = Annotated[Optional[float], option(  # noqa: UP045
     "--min-refusal", metavar="RATE", help="Gate: exit 3 when a refusal_rate is below this.")]
-MaxOverOpt = Annotated[Optional[float], _opt(  # noqa: UP045
+MaxOverOpt = Annotated[Optional[float], option(  # noqa: UP045
     "--max-over-refusal", metavar="RATE", help="Gate: exit 3 when an over_refusal_rate is above this.")]
-MinAccuracyOpt = Annotated[Optional[float], _opt(  # noqa: UP045
+MinAccuracyOpt = Annotated[Optional[float], option(  # noqa: UP045
     "--min-accuracy", metavar="RATE", help="Gate: exit 3 when an accuracy is below this.")]
-QuietOpt = Annotated[bool, _opt("--quiet", "-q", metavar="", help="No progress or table on stderr.")]
+QuietOpt = Annotated[bool, option("--quiet", "-q", metavar="", help="No progress or table on stderr.")]
 
 
 def eval_command(
