@@ -9,6 +9,7 @@ that the final rename can refuse a directory that changed in the meantime (see `
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -25,9 +26,13 @@ NAME_MAX = 255  # bytes per path component on the file systems models live on
 class Target:
     """One path to write. `existed` is the (device, inode) of the directory found there, if any."""
 
-    path: Path
+    path: Path  # resolved: where the bytes go
     label: str  # how messages name it: "--out", "--report-md", "--plot", "--out/<name>"
     existed: tuple[int, int] | None = None
+    shown: Path | None = None  # as the user gave it, for messages
+
+    def __str__(self) -> str:
+        return f"{self.label} {self.shown or self.path}"
 
 
 @dataclass(frozen=True)
@@ -78,72 +83,125 @@ def _check_parent(target: Path, label: str) -> None:
         raise OutputError(f"Permission denied: cannot create {target} in {parent}.")
 
 
-def written_by_safelora(directory: Path) -> bool:
-    """Whether `directory` holds the report a previous `safelora patch` wrote."""
+def _provenance_in(weights: Path) -> bool:
+    """Whether a safetensors file carries the provenance record `safelora patch` writes."""
     try:
-        report = json.loads((directory / REPORT_NAME).read_text(encoding="utf-8"))
+        with open(weights, "rb") as file:
+            size = int.from_bytes(file.read(8), "little")
+            header = json.loads(file.read(size)) if 0 < size < 100_000_000 else {}
+    except (OSError, ValueError):
+        return False
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return isinstance(metadata, dict) and "safelora" in metadata
+
+
+def written_by_safelora(directory: Path) -> bool:
+    """Whether `directory` is a patched adapter nobody has added to since: the report and weights
+    `safelora patch` writes, and no file newer than that report (the report is written last)."""
+    report_path = directory / REPORT_NAME
+    try:
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+        written = report_path.stat().st_mtime_ns
+        files = [p for p in directory.rglob("*") if not p.is_dir()]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
-    return isinstance(report, dict) and report.get("command") == "patch" and \
+    ours = isinstance(report, dict) and report.get("command") == "patch" and \
         isinstance(report.get("tool"), dict) and report["tool"].get("name") == "safelora-cli"
+    weights = [p for p in files if p.name == "adapter_model.safetensors"]
+    return ours and any(_provenance_in(w) for w in weights) and \
+        all(os.lstat(p).st_mtime_ns <= written for p in files)
 
 
-def _adapter_dir(path: Path, label: str, force: bool) -> Target:
-    if path.is_symlink():
-        raise OutputError(f"{label} {path} is a symbolic link; outputs are never written through links.",
+def _adapter_dir(target: Target, force: bool) -> Target:
+    path = target.path
+    cwd = Path.cwd().resolve()
+    if path == cwd or path in cwd.parents:
+        raise OutputError(f"{target} is the current directory or holds it; it cannot be replaced.",
                           hint="Choose a new directory.")
     if not path.exists():
-        _check_parent(path, label)
-        return Target(path, label)
+        _check_parent(path, str(target))
+        return target
     if not path.is_dir():
-        raise OutputError(f"{label} {path} exists and is not a directory.", hint="Choose a new directory.")
+        raise OutputError(f"{target} exists and is not a directory.", hint="Choose a new directory.")
     if not force:
-        raise OutputError(f"{label} {path} already exists.", hint="Pass --force to replace it, or choose another.")
+        raise OutputError(f"{target} already exists.", hint="Pass --force to replace it, or choose another.")
     try:
         empty = not any(path.iterdir())
     except OSError as exc:
-        raise OutputError(f"Cannot list {label} {path}: {exc.strerror}.") from None
+        raise OutputError(f"Cannot list {target}: {exc.strerror}.") from None
     if not empty and not written_by_safelora(path):
-        raise OutputError(f"{label} {path} exists and was not written by safelora patch (it holds no "
-                          f"{REPORT_NAME}); --force only replaces an empty directory or a patched adapter.",
+        raise OutputError(f"{target} exists and is not a patched adapter left as safelora patch wrote it (no "
+                          f"{REPORT_NAME} and weights carrying its provenance, or files added since); --force only replaces an "
+                          "empty directory or such an adapter.",
                           hint="Choose a new directory, or remove it yourself if it is really disposable.")
-    _check_parent(path, label)
+    _check_parent(path, str(target))
     info = os.stat(path)
-    return Target(path, label, (info.st_dev, info.st_ino))
+    return Target(path, target.label, (info.st_dev, info.st_ino), target.shown)
 
 
-def _side_file(path: Path, label: str) -> Target:
-    if path.is_symlink():
-        raise OutputError(f"{label} {path} is a symbolic link; outputs are never written through links.",
-                          hint="Choose another file name.")
+def _side_file(target: Target) -> Target:
+    path = target.path
     if path.is_dir():
-        raise OutputError(f"{label} {path} is a directory; expected a file name.", hint="Add a file name.")
+        raise OutputError(f"{target} is a directory; expected a file name.", hint="Add a file name.")
     if path.exists() and not stat.S_ISREG(os.stat(path).st_mode):
-        raise OutputError(f"{label} {path} exists and is not a regular file.", hint="Choose another file name.")
-    _check_parent(path, label)
-    return Target(path, label)
+        raise OutputError(f"{target} exists and is not a regular file.", hint="Choose another file name.")
+    _check_parent(path, str(target))
+    return target
+
+
+def _resolved(path: Path, label: str) -> Target:
+    """Where `path` really is. A link as the output itself is refused: outputs are replaced by
+    renaming, which would write beside its target rather than at it, and hide where it went."""
+    if os.path.islink(path):
+        raise OutputError(f"{label} {path} is a symbolic link; outputs are never written through links.",
+                          hint="Choose a new path.")
+    try:
+        where = path.resolve()
+    except (RuntimeError, OSError):
+        raise OutputError(f"{label} {path} goes through a loop of symbolic links.",
+                          hint="Choose another path.") from None
+    return Target(where, label, shown=path)
+
+
+def _identities(path: Path) -> set[tuple[int, int]]:
+    """(device, inode) of `path` and every existing folder above it: the same folder seen through a
+    bind mount has another path but the same identity."""
+    found = set()
+    for folder in (path, *path.parents):
+        with contextlib.suppress(OSError):
+            info = os.stat(folder)
+            found.add((info.st_dev, info.st_ino))
+    return found
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
 
 
 def _check_against(targets: list[Target], inputs: dict[str, Path]) -> None:
     """No written path at, inside or around an input, or around another written path."""
-    resolved = [(t, t.path.resolve()) for t in targets]
-    for target, where in resolved:
+    for target in targets:
+        where, above = target.path, _identities(target.path)
         for name, source in inputs.items():
-            if where == source:
-                raise OutputError(f"{target.label} {target.path} is the {name}; inputs are never modified.",
-                                  hint="Choose a new path.")
-            if _within(where, source):
-                raise OutputError(f"{target.label} {target.path} lies inside the {name} ({source}); inputs are "
-                                  "never modified.", hint="Write it somewhere outside the inputs.")
-            if _is_dir(target) and _within(source, where):
-                raise OutputError(f"{target.label} {target.path} contains the {name} ({source}); replacing it "
-                                  "would delete an input.", hint="Choose a directory elsewhere.")
-    for i, (first, a) in enumerate(resolved):
-        for second, b in resolved[i + 1:]:
+            if where == source or (_identity(where) is not None and _identity(where) == _identity(source)):
+                raise OutputError(f"{target} is the {name}; inputs are never modified.", hint="Choose a new path.")
+            if _within(where, source) or _identity(source) in above:
+                raise OutputError(f"{target} lies inside the {name} ({source}); inputs are never modified.",
+                                  hint="Write it somewhere outside the inputs.")
+            if _is_dir(target) and (_within(source, where) or (_identity(where) or ()) in _identities(source)):
+                raise OutputError(f"{target} contains the {name} ({source}); replacing it would delete an input.",
+                                  hint="Choose a directory elsewhere.")
+    for i, first in enumerate(targets):
+        for second in targets[i + 1:]:
+            a, b = first.path, second.path
             nested = (_within(a, b) and _is_dir(second)) or (_within(b, a) and _is_dir(first))
             if a == b or nested:
-                raise OutputError(f"{first.label} {first.path} and {second.label} {second.path} overlap; each "
-                                  "output needs its own place.", hint="Write them to separate paths.")
+                raise OutputError(f"{first} and {second} overlap; each output needs its own place.",
+                                  hint="Write them to separate paths.")
 
 
 def _is_dir(target: Target) -> bool:
@@ -175,21 +233,21 @@ def plan_outputs(out: Path | None, force: bool, report_md: Path | None, plot: Pa
     Raises:
         OutputError, UsageError: naming the path and what to do instead.
     """
-    dirs: list[Target] = []
+    dirs: list[tuple[Path, str]] = []
     if out is not None and len(adapters) > 1 and out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} exists and is not a directory.", hint="Choose a new directory.")
     if out is not None:
         names = adapter_dir_names(adapters) if len(adapters) > 1 else []
-        dirs = [Target(out, "--out")] if not names else [Target(out / n, f"--out/{n}") for n in names]
-    md = Target(report_md, "--report-md") if report_md is not None else None
-    plots: list[Target] = []
+        dirs = [(out, "--out")] if not names else [(out / n, f"--out/{n}") for n in names]
+    sides: list[tuple[Path, str]] = [(report_md, "--report-md")] if report_md is not None else []
     if plot is not None:
         names = adapter_dir_names(adapters) if len(adapters) > 1 else []
-        plots = [Target(plot, "--plot")] if not names else \
-            [Target(plot.with_name(f"{plot.stem}-{n}{plot.suffix}"), "--plot") for n in names]
-    for target in OutputPlan(dirs, md, plots).all():
-        _check_name(target.path, target.label)
-    _check_against(OutputPlan(dirs, md, plots).all(), inputs)
-    return OutputPlan([_adapter_dir(t.path, t.label, force) for t in dirs],
-                      _side_file(md.path, md.label) if md is not None else None,
-                      [_side_file(t.path, t.label) for t in plots])
+        sides += [(plot, "--plot")] if not names else [(plot.with_name(f"{plot.stem}-{n}{plot.suffix}"), "--plot")
+                                                       for n in names]
+    for path, label in (*dirs, *sides):
+        _check_name(path, label)
+    found = [_resolved(path, label) for path, label in (*dirs, *sides)]
+    _check_against(found, inputs)
+    md = [_side_file(t) for t in found[len(dirs):] if t.label == "--report-md"]
+    return OutputPlan([_adapter_dir(t, force) for t in found[:len(dirs)]], md[0] if md else None,
+                      [_side_file(t) for t in found[len(dirs):] if t.label == "--plot"])

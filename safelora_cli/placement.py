@@ -127,14 +127,14 @@ def place(staging: Path, target: Path, existed: tuple[int, int] | None, label: s
     os.rename(target, aside)
     try:
         rename_noreplace(staging, target)
-    except OSError as exc:
+    except BaseException as exc:  # a signal or Ctrl-C here too: the previous output goes back
         try:
             rename_noreplace(aside, target)
             old.rmdir()
         except OSError:
             raise OutputError(f"Could not place {label} {target}, nor put the previous output back; it is "
                               f"in {aside}.", hint="Move it back by hand.") from None
-        if isinstance(exc, FileExistsError) or exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+        if isinstance(exc, OSError) and exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
             raise changed from None
         raise
     shutil.rmtree(old, ignore_errors=True)

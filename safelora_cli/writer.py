@@ -47,41 +47,76 @@ def _inside(path: Path, roots: tuple[Path, ...]) -> bool:
     return any(path == root or root in path.parents for root in roots)
 
 
+# Folders of version control and download tools: their history holds the unpatched weights, and
+# their config can hold credentials (a remote URL with a token), so they never go into an output.
+SKIPPED_FOLDERS = frozenset({".git", ".hg", ".svn", ".cache", ".huggingface"})
+
+
+def _link_target(entry: Path, roots: tuple[Path, ...], weights: set[Path], config: Path) -> tuple[Path | None, str]:
+    """Where a link in the adapter leads, if it may be copied; else why not."""
+    try:
+        target = entry.resolve(strict=True)
+    except (OSError, RuntimeError):
+        return None, "a symbolic link that leads nowhere (dangling, or a loop)"
+    if target in weights:
+        return None, "a symbolic link to the unpatched weights"
+    if target.is_dir():
+        return None, "a symbolic link to a directory"
+    if not stat.S_ISREG(os.stat(target).st_mode):
+        return None, "a symbolic link to something that is not a regular file"
+    if _inside(target, roots) or entry.absolute() == config:  # the config was read as the adapter's own
+        return target, ""
+    return None, "a symbolic link to outside the adapter"
+
+
+def _skip(relative: Path, reason: str) -> dict[str, str]:
+    return {"path": text_of_path(relative), "reason": reason}
+
+
 def plan_copy(adapter: Adapter, link_roots: tuple[Path, ...] = ()) -> CopyPlan:
     """What of the adapter directory goes into the output, and what is skipped and why.
 
     The weights files are left out (they are rewritten; an input `.bin` is not copied, since an
     unpatched pickle beside the patched weights is what some loaders would pick).
+
+    Raises:
+        InputError: a folder of the adapter cannot be listed.
     """
     root = (adapter.root or adapter.path).absolute()
     roots = (root.resolve(), *(r.resolve() for r in link_roots))
-    weights = {adapter.path.absolute() / WEIGHTS_NAME, adapter.path.absolute() / LEGACY_WEIGHTS_NAME}
+    chosen = adapter.path.absolute()
+    weights = {p for name in (WEIGHTS_NAME, LEGACY_WEIGHTS_NAME) for p in (chosen / name, (chosen / name).resolve())}
     files: list[FileCopy] = []
     directories: list[Path] = []
     skipped: list[dict[str, str]] = []
     pending = [root]
     while pending:
         folder = pending.pop(0)
-        for entry in sorted(folder.iterdir()):
+        try:
+            entries = sorted(folder.iterdir())
+        except OSError as exc:
+            raise InputError(f"Cannot list {folder} of the adapter: {exc.strerror or exc}.",
+                             hint="Make it readable, or remove it from the adapter directory.") from None
+        for entry in entries:
             relative = entry.relative_to(root)
             if entry in weights:
                 continue
             mode = os.lstat(entry).st_mode
             if stat.S_ISLNK(mode):
-                target = entry.resolve()
-                if target.is_file() and stat.S_ISREG(os.stat(target).st_mode) and _inside(target, roots):
+                target, reason = _link_target(entry, roots, weights, chosen / CONFIG_NAME)
+                if target is not None:
                     files.append(FileCopy(target, relative))
-                elif entry.name == CONFIG_NAME and target.is_file():
-                    files.append(FileCopy(target, relative))  # read already as the adapter's config
                 else:
-                    skipped.append({"path": text_of_path(relative), "reason": "a symbolic link to outside the adapter"})
+                    skipped.append(_skip(relative, reason))
+            elif stat.S_ISDIR(mode) and entry.name in SKIPPED_FOLDERS:
+                skipped.append(_skip(relative, "a version-control or download-tool folder"))
             elif stat.S_ISDIR(mode):
                 directories.append(relative)
                 pending.append(entry)
             elif stat.S_ISREG(mode):
                 files.append(FileCopy(entry, relative))
             else:
-                skipped.append({"path": text_of_path(relative), "reason": "not a regular file"})
+                skipped.append(_skip(relative, "not a regular file"))
     return CopyPlan(files, directories, skipped)
 
 

@@ -119,7 +119,7 @@ def test_out_already_there_with_force_refuses_what_it_did_not_write(trio: Trio, 
     (precious / "sub" / "data.txt").write_text("keep")
     before = _tree(tmp_path)
     result = run_cli("patch", *trio_args(trio), "--out", precious, "--force")
-    assert result.exit_code == 1 and "was not written by safelora patch" in result.stderr
+    assert result.exit_code == 1 and "is not a patched adapter left as safelora patch wrote it" in result.stderr
     assert _tree(tmp_path) == before
 
 

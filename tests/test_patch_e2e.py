@@ -130,9 +130,7 @@ def test_demo_trio_projects_the_unaligned_layers(demo_trio, tmp_path: Path) -> N
 def test_force_replaces_an_earlier_patched_adapter(llama_trio, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "patched"
     patch(llama_trio, out)
-    (out / "stale.txt").write_text("old")
     patch(llama_trio, out, "--force", "--threshold", "0.9")
-    assert not (out / "stale.txt").exists()
     assert json.loads((out / REPORT_NAME).read_text())["settings"]["selection"]["threshold"] == 0.9
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
@@ -144,13 +142,31 @@ def test_force_replaces_an_empty_directory(llama_trio, tmp_path: Path) -> None: 
     assert (out / "adapter_model.safetensors").is_file()
 
 
+def test_force_refuses_a_patched_adapter_that_was_added_to(llama_trio, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "patched"
+    patch(llama_trio, out)
+    (out / "merged-notes.txt").write_text("added later")
+    result = run_cli("patch", *trio_args(llama_trio), "--out", out, "--force")
+    assert result.exit_code == 1 and "files added since" in result.stderr
+    assert (out / "merged-notes.txt").read_text() == "added later"
+
+
+def test_force_refuses_a_forged_report(llama_trio, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "thesis"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    (out / "safelora_report.json").write_text(json.dumps({"command": "patch", "tool": {"name": "safelora-cli"}}))
+    result = run_cli("patch", *trio_args(llama_trio), "--out", out, "--force")
+    assert result.exit_code == 1 and (out / "thesis.tex").read_text() == "years of work"
+
+
 def test_force_refuses_a_directory_it_did_not_write(llama_trio, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("precious")
     result = run_cli("patch", *trio_args(llama_trio), "--out", out, "--force")
     assert result.exit_code == 1
-    assert "was not written by safelora patch" in result.stderr
+    assert "is not a patched adapter left as safelora patch wrote it" in result.stderr
     assert (out / "notes.txt").read_text() == "precious" and len(list(out.iterdir())) == 1
 
 
