@@ -18,7 +18,7 @@ from safelora_cli.alignment import AlignmentMatrix
 from safelora_cli.checkpoint import Checkpoint
 from safelora_cli.config import Method, ProjectionSettings
 from safelora_cli.dora import recompute_magnitudes
-from safelora_cli.errors import InputError, SafeLoraError
+from safelora_cli.errors import InputError, SafeLoraError, UsageError
 from safelora_cli.pairing import LayerPlan
 from safelora_cli.prefetch import Prefetcher, disk_order
 from safelora_cli.projection import LayerMath, Projected, layer_math, project
@@ -67,7 +67,7 @@ def resolve_device(spec: str) -> torch.device:
     try:
         device = torch.device(spec)
     except (RuntimeError, TypeError):
-        raise SafeLoraError(f"Unknown device {spec!r}.", hint="Use auto, cpu, cuda or cuda:N.") from None
+        raise UsageError(f"Unknown device {spec!r}.", hint="Use auto, cpu, cuda or cuda:N.") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise SafeLoraError(f"Device {spec} was asked for but no CUDA device is available.",
@@ -75,7 +75,7 @@ def resolve_device(spec: str) -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise SafeLoraError(f"Device {spec}: only {torch.cuda.device_count()} CUDA device(s) exist.")
     elif device.type != "cpu":
-        raise SafeLoraError(f"Device type {device.type!r} is not supported.", hint="Use auto, cpu or cuda[:N].")
+        raise UsageError(f"Device type {device.type!r} is not supported.", hint="Use auto, cpu or cuda[:N].")
     return device
 
 

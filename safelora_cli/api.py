@@ -13,12 +13,43 @@ from os import PathLike
 from pathlib import Path
 
 from safelora_cli.config import Inputs, Method, Outputs, Projection, ProjectionSettings, SelectionRule, SvdMethod
+from safelora_cli.errors import UsageError
 from safelora_cli.gates import Gates, parse_selected_limit
 from safelora_cli.result import Result
 
 StrPath = str | PathLike[str]
 OnProgress = Callable[[int, int], None]  # (weights done, weights in all)
 OnWarning = Callable[[str], None]
+
+
+def _check_types(values: dict[str, object]) -> None:
+    """Arguments of the wrong type are the caller's mistake: a UsageError, not a TypeError deep inside.
+    A bool is refused where a number is expected (True would silently mean 1)."""
+    kinds: dict[str, tuple[type, ...]] = {
+        "threshold": (int, float), "fail_below": (int, float), "energy": (int, float),
+        "top_k": (int,), "rank": (int,), "force": (bool,), "device": (str,), "adapter_name": (str,),
+        "token": (str,), "base_revision": (str,), "aligned_revision": (str,), "adapter_revision": (str,),
+        "max_selected": (int, str), "base": (str, PathLike), "aligned": (str, PathLike), "out": (str, PathLike),
+        "report_md": (str, PathLike), "plot": (str, PathLike),
+    }
+    for name, value in values.items():
+        if value is None or name not in kinds:
+            continue
+        numeric = kinds[name][0] in (int, float)
+        if not isinstance(value, kinds[name]) or (numeric and isinstance(value, bool) and name != "force"):
+            raise UsageError(f"{name} must be {' or '.join(k.__name__ for k in kinds[name])}, got "
+                             f"{type(value).__name__} {value!r}.")
+    adapters = values.get("adapter")
+    listed = [adapters] if isinstance(adapters, str | PathLike) else adapters
+    if not isinstance(listed, list | tuple) or not listed or not all(isinstance(a, str | PathLike) for a in listed):
+        raise UsageError(f"adapter must be a path, a Hub id or a list of them, got {adapters!r}.")
+    rules = values.get("key_map")
+    if rules is not None and not isinstance(rules, str) and (
+            not isinstance(rules, list | tuple) or not all(isinstance(r, str) for r in rules)):
+        raise UsageError(f"key_map must be a REGEX=REPLACEMENT string or a list of them, got {rules!r}.")
+    for name in ("on_progress", "on_warning"):
+        if values.get(name) is not None and not callable(values[name]):
+            raise UsageError(f"{name} must be callable, got {values[name]!r}.")
 
 
 def _inputs(base: StrPath, adapter: StrPath | Sequence[StrPath], aligned: StrPath | None,
@@ -78,6 +109,7 @@ def patch(*, base: StrPath, adapter: StrPath | Sequence[StrPath], out: StrPath, 
     """
     from safelora_cli import pipeline
 
+    _check_types(locals())
     return pipeline.run(
         "patch",
         _inputs(base, adapter, aligned, (base_revision, aligned_revision, adapter_revision), adapter_name,
@@ -102,6 +134,7 @@ def inspect(*, base: StrPath, adapter: StrPath | Sequence[StrPath], aligned: Str
     """
     from safelora_cli import pipeline
 
+    _check_types(locals())
     return pipeline.run(
         "inspect",
         _inputs(base, adapter, aligned, (base_revision, aligned_revision, adapter_revision), adapter_name,

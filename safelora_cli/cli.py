@@ -15,6 +15,7 @@ import typer.core
 
 from safelora_cli import __version__, console
 from safelora_cli.config import DEFAULT_THRESHOLD, Projection, SvdMethod
+from safelora_cli.errors import OutputError, expand_user
 from safelora_cli.exits import user_errors
 from safelora_cli.options import SOURCE, DeviceOpt, option
 
@@ -209,7 +210,11 @@ def patch(
                 adapter_revision=adapter_revision, token=token, force=force, report_md=report_md, plot=plot,
                 max_selected=max_selected, fail_below=fail_below, on_progress=advance, **_common(quiet))
         if json_out:
-            console.emit_json(result.json_document())
+            try:
+                console.emit_json(result.json_document())
+            except OutputError as exc:
+                exc.message += f" The patched adapter and its report were written to {out} all the same."
+                raise
         if not quiet:
             for report, written in zip(result.reports, result.outputs, strict=True):
                 console.print_table(report, sort.value, to_stderr=True)
@@ -288,7 +293,7 @@ def demo(
     with user_errors():
         from safelora_cli.demo import write_demo
 
-        write_demo(directory.expanduser())
+        write_demo(expand_user(directory))
     console.info(f"Wrote {directory}/base, {directory}/aligned and {directory}/adapter. Try:")
     console.info(f"  safelora patch --base {directory}/base --aligned {directory}/aligned "
                  f"--adapter {directory}/adapter --out {directory}/patched")

@@ -10,7 +10,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from safelora_cli.errors import UsageError
+from safelora_cli.errors import UsageError, expand_user
 from safelora_cli.naming import KeyRule, parse_key_map
 
 DEFAULT_THRESHOLD = 0.5
@@ -146,4 +146,4 @@ class Outputs:
         for name in ("out", "report_md", "plot"):
             value = getattr(self, name)
             if value is not None:
-                object.__setattr__(self, name, Path(value).expanduser())
+                object.__setattr__(self, name, expand_user(value))

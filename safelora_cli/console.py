@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -145,13 +146,22 @@ def _rule_text(report: Report) -> str:
 
 
 def print_table(report: Report, sort: str, to_stderr: bool) -> None:
-    console = stderr if to_stderr else stdout()
-    try:
-        console.print(layer_table(report, sort))
+    """The layer table and the summary: for people on stderr (patch), or as inspect's data on stdout,
+    where it goes through `write_stdout` like any other data (a full disk or a closed stdout is an error)."""
+    if to_stderr:
+        stderr.print(layer_table(report, sort))
         for line in summary_lines(report):
-            console.print(line, markup=False, soft_wrap=True)
-    except BrokenPipeError:
-        _silence_stdout()
+            stderr.print(line, markup=False, soft_wrap=True)
+        return
+    if sys.stdout is None:
+        write_stdout("")  # raises the one-line error for a closed stdout
+    terminal = stdout()  # for the width and whether to colour
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=terminal.width, force_terminal=terminal.is_terminal, highlight=False)
+    console.print(layer_table(report, sort))
+    for line in summary_lines(report):
+        console.print(line, markup=False, soft_wrap=True)
+    write_stdout(buffer.getvalue())
 
 
 def print_report(report: Report, fmt_name: str, sort: str) -> None:

@@ -6,6 +6,9 @@ code; any other exception is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 
 class SafeLoraError(Exception):
     """Base class: a problem the user can fix. `exit_code` is what the CLI returns."""
@@ -51,3 +54,13 @@ def format_keys(keys: list[str], limit: int = 5) -> str:
     shown = ", ".join(keys[:limit])
     more = len(keys) - limit
     return f"{shown} (and {more} more)" if more > 0 else shown
+
+
+def expand_user(path: str | os.PathLike[str]) -> Path:
+    """`~` and `~user` expanded; an unknown user is the caller's mistake, not a RuntimeError."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        raise UsageError(f"Cannot expand {os.fspath(path)}: no such user's home directory.",
+                         hint="Write the path out in full.") from None
+

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from safelora_cli import __version__, console
-from safelora_cli.errors import GateFailed, UsageError
+from safelora_cli.errors import GateFailed, UsageError, expand_user
 from safelora_cli.evaluate import DEFAULT_REFUSAL_MARKERS, EvalConfig, EvalGates, Metrics, Progress
 from safelora_cli.exits import user_errors
 from safelora_cli.options import SOURCE, DeviceOpt, option
@@ -164,8 +164,8 @@ def _checked_report_path(path: Path, sources: tuple[str, ...]) -> Path:
     """The same output rule as patch and inspect: never at or inside an input or the Hub cache."""
     from safelora_cli.outputs import plan_outputs, protected
 
-    local = {f"input {spec}": Path(spec).expanduser() for spec in sources if Path(spec).expanduser().exists()}
-    plan = plan_outputs(None, False, path.expanduser(), None, [], protected(local))
+    local = {f"input {spec}": expand_user(spec) for spec in sources if expand_user(spec).exists()}
+    plan = plan_outputs(None, False, expand_user(path), None, [], protected(local))
     assert plan.report_md is not None
     return plan.report_md.path
 

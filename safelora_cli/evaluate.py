@@ -16,7 +16,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from safelora_cli.errors import InputError, SafeLoraError, UsageError
+from safelora_cli.errors import InputError, SafeLoraError, UsageError, expand_user
 
 # Openings of refusals in English chat models, written for this project. Plain markers match as
 # case-insensitive substrings of the whitespace-collapsed completion.
@@ -251,7 +251,7 @@ def check_local(spec: str, option: str) -> None:
         InputError: before any model is loaded, so a typo costs no generation time.
     """
     looks_local = spec.startswith((".", "/", "~")) or spec.count("/") > 1
-    if looks_local and not Path(spec).expanduser().exists():
+    if looks_local and not expand_user(spec).exists():
         raise InputError(f"The {option[2:]} path {spec} does not exist.",
                          hint=f"Pass a local directory, or a Hub repository id such as org/name, to {option}.")
 

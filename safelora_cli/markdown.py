@@ -48,6 +48,14 @@ def _inputs(report: Report, public: bool) -> list[str]:
     return lines
 
 
+def _skipped(report: Report) -> list[str]:
+    skipped = report["skipped_files"]
+    if not skipped:
+        return []
+    listed = "; ".join(f"`{_cell(s['path'])}` ({s['reason']})" for s in skipped)
+    return [f"- Not copied from the adapter directory: {listed}"]
+
+
 def _gates(report: Report) -> list[str]:
     gates = report["gates"]
     if not gates:
@@ -102,6 +110,7 @@ def render(report: Report, sort_layers: list[LayerRecord], public: bool) -> str:
         f"{fmt(summary['cosine_max'])}",
         f"- {sweep_text(report)}",
         f"- Pdst: {fmt(summary['pdst'])}. {PDST_NOTE}",
+        *_skipped(report),
         "",
         "### Gates",
         "",

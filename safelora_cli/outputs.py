@@ -50,8 +50,8 @@ def adapter_dir_names(adapters: list[str]) -> list[str]:
     names = [Path(a.rstrip("/")).name or a for a in adapters]
     clashes = sorted({n for n in names if names.count(n) > 1})
     if clashes:
-        raise UsageError(f"Several adapters end in the same name ({', '.join(clashes)}); their outputs would "
-                         "collide under --out.", hint="Patch them in separate runs with their own --out.")
+        raise UsageError(f"Several adapters end in the same name ({', '.join(clashes)}); their outputs, named "
+                         "after them, would collide.", hint="Run them separately, each with its own outputs.")
     return names
 
 
@@ -131,8 +131,8 @@ def _adapter_dir(target: Target, force: bool) -> Target:
         raise OutputError(f"Cannot list {target}: {exc.strerror}.") from None
     if not empty and not written_by_safelora(path):
         raise OutputError(f"{target} exists and is not a patched adapter left as safelora patch wrote it (no "
-                          f"{REPORT_NAME} and weights carrying its provenance, or files added since); --force only replaces an "
-                          "empty directory or such an adapter.",
+                          f"{REPORT_NAME} and weights carrying its provenance, or files added since); --force only "
+                          "replaces an empty directory or such an adapter.",
                           hint="Choose a new directory, or remove it yourself if it is really disposable.")
     _check_parent(path, str(target))
     info = os.stat(path)

@@ -9,7 +9,8 @@ weight was read.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+import contextlib
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from safelora_cli.adapter import Adapter, load_adapter
 from safelora_cli.analysis import Analysis, Job, OnLayer, analyze, resolve_device
 from safelora_cli.checkpoint import Checkpoint
 from safelora_cli.config import Inputs, Method, Outputs
-from safelora_cli.errors import InputError, UsageError
+from safelora_cli.errors import InputError, SafeLoraError, UsageError
 from safelora_cli.outputs import OutputPlan, plan_outputs, protected
 from safelora_cli.pairing import needed_weight_keys, pair_layers
 from safelora_cli.placement import make_parents, os_error, remove_created, write_file
@@ -136,9 +137,12 @@ def run(command: str, inputs: Inputs, method: Method, outputs: Outputs, policy: 
     reports = [_report(command, inputs, method, policy, str(device), models, origin, analysis, copy, notes)
                for (origin, _), analysis, copy in zip(adapters, analyses, copies, strict=True)]
     side_files = _render_side_files(plan, reports)  # before writing anything: a failure leaves nothing
-    written = _write(plan, adapters, analyses, copies, reports) if command == "patch" else []
-    _write_side_files(side_files)
-    return Result(command, reports, written, list(notes))
+    written: list[Path] = []
+    with _saying_what_was_written(written):
+        if command == "patch":
+            _write(plan, adapters, analyses, copies, reports, written)
+        _write_side_files(side_files, written)
+    return Result(command, reports, [p for p in written if p in {t.path for t in plan.adapter_dirs}], list(notes))
 
 
 def _resolve_models(inputs: Inputs, aligned: tuple[str, str | None], adapters: list[tuple[Origin, Adapter]]) -> _Models:
@@ -181,9 +185,22 @@ def _entry(origin: Origin, path: Path) -> dict[str, object]:
     return {"source": text_of_path(origin.spec), "path": text_of_path(path), **origin.record()}
 
 
+@contextlib.contextmanager
+def _saying_what_was_written(written: list[Path]) -> Iterator[None]:
+    """Outputs are placed one at a time: when a later one fails, the error says which are already in
+    place (each is whole), rather than claim that nothing was written."""
+    try:
+        yield
+    except SafeLoraError as exc:
+        if not written:
+            raise
+        done = ", ".join(text_of_path(p) for p in written)
+        exc.message = exc.message.replace("; nothing was written", "") + f" Already written, whole: {done}."
+        raise
+
+
 def _write(plan: OutputPlan, adapters: list[tuple[Origin, Adapter]], analyses: list[Analysis],
-           copies: list[CopyPlan | None], reports: list[Report]) -> list[Path]:
-    written = []
+           copies: list[CopyPlan | None], reports: list[Report], written: list[Path]) -> None:
     for target, (origin, adapter), analysis, copy, report in zip(plan.adapter_dirs, adapters, analyses, copies,
                                                                   reports, strict=True):
         assert copy is not None
@@ -192,7 +209,6 @@ def _write(plan: OutputPlan, adapters: list[tuple[Origin, Adapter]], analyses: l
                             [r.plan.module for r in analysis.layers if r.selected])
         title = f"{text_of_path(Path(origin.spec.rstrip('/')).name or origin.spec)}, patched with Safe LoRA"
         written.append(write_patched_adapter(target, adapter, analysis.patched, copy, report, record, title))
-    return written
 
 
 def _render_side_files(plan: OutputPlan, reports: list[Report]) -> list[tuple[Path, bytes]]:
@@ -209,7 +225,7 @@ def _render_side_files(plan: OutputPlan, reports: list[Report]) -> list[tuple[Pa
     return files
 
 
-def _write_side_files(files: list[tuple[Path, bytes]]) -> None:
+def _write_side_files(files: list[tuple[Path, bytes]], written: list[Path]) -> None:
     for path, data in files:
         created: list[Path] = []
         try:
@@ -218,3 +234,4 @@ def _write_side_files(files: list[tuple[Path, bytes]]) -> None:
         except OSError as exc:
             remove_created(created)
             raise os_error(exc, path) from None
+        written.append(path)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from safelora_cli.checkpoint import CONFIG_FILE, LAYOUTS, Checkpoint, open_checkpoint, read_index, shards_for
-from safelora_cli.errors import InputError, UsageError
+from safelora_cli.errors import InputError, UsageError, expand_user
 
 # `org/name` or `org/name@revision`: one slash, no leading dot (so ./x/y and ../x stay paths).
 _REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96})(?:@(?P<revision>[^\s@]+))?$")
@@ -110,7 +110,7 @@ def parse_spec(spec: str, revision: str | None, label: str) -> _Spec:
     except UnicodeEncodeError:
         raise InputError(f"The {label} path {_printable(spec)} is not valid UTF-8.",
                          hint="Rename it, or pass a symbolic link with a UTF-8 name.") from None
-    path = Path(spec).expanduser()
+    path = expand_user(spec)
     if _exists(path, spec, label):
         if revision is not None:
             raise UsageError(f"{option}-revision applies to Hub repositories, but {spec} is a local path.")
@@ -236,7 +236,7 @@ def aligned_from_adapter(raw_config: dict[str, Any], adapter: Path, revision: st
             hint="Pass --aligned with the safety-aligned model the adapter was trained on.",
         )
     try:
-        if os.path.exists(Path(name).expanduser()):
+        if os.path.exists(expand_user(name)):
             return name, revision
     except ValueError:  # a NUL byte in the name
         pass

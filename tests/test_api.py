@@ -123,3 +123,17 @@ def test_the_import_graph_has_no_cycle() -> None:
                 reach.add(nxt)
                 todo.append(nxt)
     assert not reach & {"safelora_cli.writer", "safelora_cli.report", "safelora_cli.pipeline"}
+
+
+@pytest.mark.parametrize(("argument", "value"), [
+    ("threshold", True), ("threshold", "0.5"), ("fail_below", True), ("top_k", 2.5), ("top_k", True),
+    ("rank", True), ("force", "no"), ("adapter", 1), ("adapter", []), ("key_map", Path("x")), ("key_map", ["a=b", 1]),
+    ("out", 3), ("report_md", ["r.md"]), ("on_progress", 1), ("device", 0), ("max_selected", 2.5),
+])
+def test_arguments_of_the_wrong_type_are_usage_errors(demo_trio: Trio, tmp_path: Path, argument: str,
+                                                      value: object) -> None:
+    kwargs: dict[str, object] = {"base": demo_trio.base, "aligned": demo_trio.aligned, "adapter": demo_trio.adapter,
+                                 "out": tmp_path / "out", argument: value}
+    with pytest.raises(UsageError, match=argument):
+        safelora_cli.patch(**kwargs)  # type: ignore[arg-type]
+    assert not (tmp_path / "out").exists()

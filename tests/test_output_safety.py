@@ -369,3 +369,105 @@ def test_several_adapters_cannot_write_over_one_another(trio: Trio, tmp_path: Pa
                      "--adapter", second, "--out", trio.adapter.parent, "--force")
     assert result.exit_code == 1 and "is the adapter" in result.stderr
     assert _tree(tmp_path) == before
+
+
+def test_version_control_folders_and_stray_links_never_reach_the_output(trio: Trio, tmp_path: Path) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("SECRET-KEY")
+    git = trio.adapter / ".git"
+    git.mkdir()
+    (git / "config").write_text('[remote "origin"]\n\turl = https://user:hf_TOKEN@example.invalid/x\n')
+    (trio.adapter / "sub").mkdir()
+    (trio.adapter / "sub" / "adapter_config.json").symlink_to(secret)  # not the config that was read
+    (trio.adapter / "model.safetensors").symlink_to("adapter_model.safetensors")  # the unpatched weights
+    (trio.adapter / "loop-a").symlink_to("loop-b")
+    (trio.adapter / "loop-b").symlink_to("loop-a")
+    out = tmp_path / "safe"
+    result = run_cli("patch", *trio_args(trio), "--out", out)
+    assert result.exit_code == 0, result.stderr
+    everything = [p for p in out.rglob("*") if p.is_file()]
+    assert not (out / ".git").exists() and not (out / "model.safetensors").exists()
+    assert all(b"hf_TOKEN" not in p.read_bytes() and b"SECRET-KEY" not in p.read_bytes() for p in everything)
+    reasons = {s["path"]: s["reason"] for s in json.loads((out / REPORT_NAME).read_text())["skipped_files"]}
+    assert reasons[".git"] == "a version-control or download-tool folder"
+    assert reasons["model.safetensors"] == "a symbolic link to the unpatched weights"
+    assert reasons["sub/adapter_config.json"] == "a symbolic link to outside the adapter"
+    assert "loop" in reasons["loop-a"]
+    assert "Not copied from the adapter directory" in (out / "README.md").read_text()
+
+
+def test_out_as_the_current_directory_is_refused(trio: Trio, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    result = run_cli("patch", *trio_args(trio), "--out", ".", "--force")
+    assert result.exit_code == 1 and "is the current directory" in result.stderr
+    assert list(here.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["here", "in"]
+
+
+def test_outputs_are_written_where_their_path_really_leads(trio: Trio, tmp_path: Path) -> None:
+    result = run_cli("patch", *trio_args(trio), "--out", tmp_path / "missing" / ".." / "safe",
+                     "--report-md", tmp_path / "gone" / ".." / "r.md")
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "r.md", "safe"]
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    looped = run_cli("patch", *trio_args(trio), "--out", tmp_path / "safe2", "--report-md", tmp_path / "loop1" / "r.md")
+    assert looped.exit_code == 1 and "loop of symbolic links" in looped.stderr
+
+
+def test_an_unknown_user_home_is_one_line(trio: Trio) -> None:
+    result = run_cli("patch", *trio_args(trio), "--out", "~no-such-user-here/safe")
+    assert result.exit_code == 2 and result.stderr.startswith("Error: Cannot expand ~no-such-user-here/safe")
+
+
+def test_ctrl_c_during_a_forced_replacement_puts_the_previous_output_back(trio: Trio, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "safe"
+    assert run_cli("patch", *trio_args(trio), "--out", out).exit_code == 0
+    before = _tree(out)
+    real = placement.rename_noreplace
+
+    def interrupted(src: Path, dst: Path) -> None:
+        if ".partial-" in src.name:
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(placement, "rename_noreplace", interrupted)
+    result = run_cli("patch", *trio_args(trio), "--out", out, "--force", "--top-k", "1")
+    assert result.exit_code == 130
+    assert _tree(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["in", "safe"]
+
+
+def test_a_later_output_failing_says_what_is_already_written(trio: Trio, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    second = trio.adapter.parent / "other"
+    shutil.copytree(trio.adapter, second)
+    calls = []
+    real = writer.write_safetensors
+
+    def second_fails(path: Path, *args: object) -> None:
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real(path, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(writer, "write_safetensors", second_fails)
+    result = run_cli("patch", "--base", trio.base, "--aligned", trio.aligned, "--adapter", trio.adapter,
+                     "--adapter", second, "--out", tmp_path / "safe")
+    assert result.exit_code == 1
+    assert "Already written, whole: " in result.stderr and "nothing was written" not in result.stderr
+    assert sorted(p.name for p in (tmp_path / "safe").iterdir()) == ["adapter"]
+
+
+def test_a_bind_mount_of_an_input_is_still_the_input(trio: Trio, tmp_path: Path) -> None:
+    view = tmp_path / "view"
+    view.mkdir()
+    if subprocess.run(["mount", "--bind", str(trio.adapter), str(view)], capture_output=True).returncode != 0:
+        pytest.skip("bind mounts are not permitted here")
+    try:
+        result = run_cli("patch", *trio_args(trio), "--out", view / "safe")
+        assert result.exit_code == 1 and "lies inside the adapter" in result.stderr
+        assert not (trio.adapter / "safe").exists()
+    finally:
+        subprocess.run(["umount", str(view)], check=True)

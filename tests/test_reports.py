@@ -103,7 +103,7 @@ def test_markdown_shows_revisions_and_undefined_reasons() -> None:
            "update_retained": 1.0,
            "undefined_reason": "the LoRA update is zero", "v_norm": 1.0, "delta_norm": 0.0, "residual_norm": 0.0}
     report = {
-        "command": "inspect", "tool": {"version": "9"}, "device": "cpu", "gates": [],
+        "command": "inspect", "tool": {"version": "9"}, "device": "cpu", "gates": [], "skipped_files": [],
         "settings": {"selection": {"rule": "top-k", "top_k": 3},
                      "projection": {"kind": "exact", "rank": 2, "energy": None, "svd": "auto"}},
         "inputs": {"base": {"source": "org/base", "path": "/c", "revision": "abc123"},
