@@ -98,7 +98,7 @@ def patch(*, base: StrPath, adapter: StrPath | Sequence[StrPath], out: StrPath, 
         key_map: `REGEX=REPLACEMENT` rules applied to adapter module names before lookup.
         adapter_name: which of several adapters saved in one directory.
         base_revision, aligned_revision, adapter_revision, token: Hub access.
-        force: replace an existing `out` (only an empty directory or an earlier patched adapter).
+        force: replace an existing `out` (only an empty directory, or an earlier patched adapter nothing was added to).
         report_md, plot: also write the report as Markdown, and a PNG of cosines (needs matplotlib).
         max_selected, fail_below: gates (a count or "N%", and a cosine); verdicts are in the result.
         on_progress: called with (weights done, weights in all) as the pass goes.

@@ -155,9 +155,9 @@ _PATCH_HELP = (
     "each selected layer is replaced by C·lora_B, plus safelora_report.json; PEFT loads it like the original. The "
     "weights are always written as safetensors, also when the input held adapter_model.bin (which is then not "
     "copied). Its README.md model card gains front matter and a \"Safe LoRA\" section. Links to outside the "
-    "adapter and special files are not copied (the report lists them). With --adapter-name the output mirrors the "
-    "input directory and only the chosen adapter is patched. --force replaces only an empty directory or an "
-    "earlier patched adapter.\n\n"
+    "adapter, special files and version-control folders (.git) are not copied (the report lists them). With "
+    "--adapter-name the output mirrors the input directory and only the chosen adapter is patched. --force "
+    "replaces only an empty directory, or an earlier patched adapter nothing was added to.\n\n"
     "Exit codes: 0 success; 1 bad input or a write failure (nothing is written); 2 wrong usage; 3 a gate "
     "(--max-selected, --fail-below) failed after the outputs were written; 129, 130, 143 stopped by SIGHUP, "
     "Ctrl-C, SIGTERM (nothing is written).\n\n"
@@ -187,8 +187,8 @@ def patch(
     energy: EnergyOpt = None,
     svd: SvdOpt = SvdMethod.AUTO,
     device: DeviceOpt = "auto",
-    force: Annotated[bool, option("--force", metavar="", help="Replace --out if it is empty or an earlier patched "
-                                "adapter.")] = False,
+    force: Annotated[bool, option("--force", metavar="", help="Replace --out if it is empty, or an earlier "
+                                "patched adapter nothing was added to.")] = False,
     adapter_name: AdapterNameOpt = None,
     key_map: KeyMapOpt = None,
     json_out: JsonOpt = False,
