@@ -21,7 +21,7 @@ import torch
 
 from safelora_cli import pickled_io
 from safelora_cli.errors import InputError, UnsupportedError, format_keys
-from safelora_cli.safetensors_io import item_bytes, open_safetensors, read_header, read_tensor
+from safelora_cli.safetensors_io import item_bytes, open_safetensors, read_header, read_rows, read_tensor
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -199,17 +199,34 @@ def refuse_quantized(checkpoint: Checkpoint, key: str) -> None:
 
 
 class TensorStream:
-    """Read tensors by name from several checkpoints, one open shard per checkpoint.
+    """Read tensors, or blocks of their rows, by name from several checkpoints, one open shard each.
 
     Reading modules in the order their tensors lie in the shards means each shard is opened
     once; switching shards closes the previous one so its memory is released. Tensors from
     pickled shards are copied out of the mapping, so none of them keeps a closed shard alive.
+    A row block (`read_rows`) costs memory for those rows only, whatever the tensor's width.
     """
 
     def __init__(self) -> None:
         self._open: dict[str, tuple[Path, Any, ExitStack]] = {}
 
     def read(self, checkpoint: Checkpoint, key: str) -> torch.Tensor:
+        info, handle = self._handle(checkpoint, key)
+        if info.pickled:
+            return pickled_io.take(handle, key, info.file)
+        return read_tensor(handle, key, info.file)
+
+    def read_rows(self, checkpoint: Checkpoint, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows `start:stop` of `key` as independent memory (elements, for a 1-D tensor)."""
+        info, handle = self._handle(checkpoint, key)
+        if info.pickled:
+            # The zip format is memory-mapped: copying a slice touches only these rows' pages.
+            mapped = handle[key] if key in handle else pickled_io.take(handle, key, info.file)  # take: not found
+            return mapped[start:stop].clone()
+        return read_rows(handle, key, info.file, start, stop)
+
+    def _handle(self, checkpoint: Checkpoint, key: str) -> tuple[TensorInfo, Any]:
+        """`key`'s entry and its shard's open handle, switching shards when needed."""
         info = checkpoint.tensors[key]
         current = self._open.get(checkpoint.label)
         if current is None or current[0] != info.file:
@@ -221,9 +238,7 @@ class TensorStream:
                 handle = stack.enter_context(open_safetensors(info.file))
             current = (info.file, handle, stack)
             self._open[checkpoint.label] = current
-        if info.pickled:
-            return pickled_io.take(current[1], key, info.file)
-        return read_tensor(current[1], key, info.file)
+        return info, current[1]
 
     def _close(self, label: str) -> None:
         entry = self._open.pop(label, None)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from safelora_cli.adapter import Adapter, load_adapter
-from safelora_cli.alignment import AlignmentMatrix
+from safelora_cli.alignment import AlignmentMatrix, Weight
 from safelora_cli.checkpoint import Checkpoint
 from safelora_cli.config import ProjectionSettings, RunConfig
 from safelora_cli.dora import recompute_magnitudes
@@ -75,21 +75,27 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
+def _not_finite(name: str, where: str) -> InputError:
+    return InputError(f"{name} in {where} contains NaN or Inf values.",
+                      hint="The file is corrupted or the training diverged; use a clean copy.")
+
+
 def _check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
     for name, tensor in tensors.items():
         if not bool(torch.isfinite(tensor).all()):
-            raise InputError(f"{name} in {where} contains NaN or Inf values.",
-                             hint="The file is corrupted or the training diverged; use a clean copy.")
+            raise _not_finite(name, where)
 
 
-def _project(key: str, w_base: torch.Tensor, w_aligned: torch.Tensor, transposed: bool, bs: list[torch.Tensor],
+def _project(key: str, w_base: Weight, w_aligned: Weight, transposed: bool, bs: list[torch.Tensor],
              settings: ProjectionSettings, models: tuple[Checkpoint, Checkpoint]) -> Projected:
     """Project the B's with one weight's V; an error naming the tensor when a weight is not finite."""
-    projected = project(AlignmentMatrix(w_base, w_aligned, transposed), settings, bs)
+    alignment = AlignmentMatrix(w_base, w_aligned, transposed)
+    projected = project(alignment, settings, bs)
     if not math.isfinite(projected.v_norm):
         # Any NaN/Inf in either weight makes ‖V‖ non-finite; only then pay for finding which.
-        for model, weight in zip(models, (w_base, w_aligned), strict=True):
-            _check_finite({key: weight}, f"the {model.label} model {model.root}")
+        bad = alignment.nonfinite_weight()
+        if bad is not None:
+            raise _not_finite(key, f"the {models[bad].label} model {models[bad].root}")
         raise InputError(f"W_aligned − W_base overflows float32 for {key}.")
     return projected
 
@@ -109,7 +115,7 @@ class _Job:
         return [(i, p) for i, p in enumerate(self.plans) if p.weight_key == key]
 
 
-def _analyze_weight(key: str, w_base: torch.Tensor, w_aligned: torch.Tensor, jobs: list[_Job],
+def _analyze_weight(key: str, w_base: Weight, w_aligned: Weight, jobs: list[_Job],
                     models: tuple[Checkpoint, Checkpoint], settings: ProjectionSettings) -> None:
     """Every adapter's layers on one weight: V and its projection once, the B's side by side."""
     targets = [(job, i, plan) for job in jobs for i, plan in job.plans_for(key)]

@@ -115,3 +115,20 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
             file.write(tensors[key].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
         file.flush()
         os.fsync(file.fileno())
+
+
+def read_rows(handle: Any, key: str, path: Path, start: int, stop: int) -> torch.Tensor:
+    """Rows `start:stop` (first dimension) of `key`, reading only their bytes.
+
+    A row block of a row-major tensor is one contiguous byte range, so a wide weight can be
+    streamed with memory bounded by the block, not by the weight.
+    """
+    try:
+        return handle.get_slice(key)[start:stop]
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise InputError(f"Cannot read rows {start}:{stop} of tensor {key} from {path} ({exc}).") from None
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name (`BF16` → `torch.bfloat16`); float32 for others."""
+    return next((dtype for dtype, known in _DTYPE_NAMES.items() if known == name), torch.float32)
