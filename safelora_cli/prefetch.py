@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from safelora_cli.alignment import BLOCK_ELEMENTS, PairSide, Rows, Weight
+from safelora_cli.alignment import BLOCK_ELEMENTS, PairSide, Weight
 from safelora_cli.checkpoint import Checkpoint, TensorStream
-from safelora_cli.safetensors_io import torch_dtype
+from safelora_cli.streamed import PASSES, Chunk, End, StreamedPair, wait_ready
 
 # What is read and not yet done with, both models together.
 READ_AHEAD_BYTES = 384 << 20
@@ -32,20 +32,7 @@ READ_AHEAD_BYTES = 384 << 20
 HOLD_BYTES = 192 << 20
 # Both models' rows of one read of a streamed weight.
 CHUNK_BYTES = 32 << 20
-# How often a streamed weight is read ahead: the passes of the paper's projection (and of the
-# exact one: ‖V‖_F, then V whole). Any further pass reads the rows again in the caller's thread.
-PASSES = 2
 _POLL_SECONDS = 0.1
-
-
-def _ready(device: torch.device, ready: Any, tensors: tuple[torch.Tensor, ...]) -> None:
-    """Wait (on the compute stream) for an asynchronous copy made on the reader's stream."""
-    if ready is None:
-        return
-    torch.cuda.current_stream(device).wait_event(ready)
-    for tensor in tensors:
-        # Memory made on the copy stream is used on the compute stream: tell the allocator.
-        tensor.record_stream(torch.cuda.current_stream(tensor.device))
 
 
 @dataclass
@@ -64,26 +51,8 @@ class Fetched:
 
     def wait(self) -> tuple[Weight, Weight]:
         if isinstance(self.w_base, torch.Tensor) and isinstance(self.w_aligned, torch.Tensor):
-            _ready(self.w_base.device, self.ready, (self.w_base, self.w_aligned))
+            wait_ready(self.w_base.device, self.ready, (self.w_base, self.w_aligned))
         return self.w_base, self.w_aligned
-
-
-@dataclass(frozen=True)
-class _Chunk:
-    """Rows `start:stop` of one pass over a streamed weight."""
-
-    pass_index: int
-    start: int
-    stop: int
-    base: torch.Tensor
-    aligned: torch.Tensor
-    nbytes: int
-    ready: Any = None
-
-
-@dataclass(frozen=True)
-class _End:
-    key: str
 
 
 @dataclass(frozen=True)
@@ -113,72 +82,6 @@ def chunk_rows(models: tuple[Checkpoint, ...], key: str, chunk_bytes: int) -> in
     return min(rows, fit if fit < block else fit - fit % block)
 
 
-class StreamedPair:
-    """A `RowSource` over a weight pair the prefetcher streams: the first `PASSES` passes come
-    from the reader thread's chunks, any later one is read again here (from the page cache)."""
-
-    def __init__(self, owner: Prefetcher, key: str, rows_per_chunk: int) -> None:
-        self._owner, self._key, self._chunk_rows = owner, key, rows_per_chunk
-        info = owner.models[0].tensors[key]
-        rows, cols = info.shape
-        self.shape, self.dtype, self.device = (rows, cols), torch_dtype(info.dtype), owner.device
-        self._passes = 0  # passes started
-        self._held = 0  # bytes of the chunk last taken, released when the next one is
-        self._ended = False
-        self._stream: TensorStream | None = None
-
-    def rows(self, block_rows: int) -> Iterator[Rows]:
-        index, self._passes = self._passes, self._passes + 1
-        chunks = self._queued(index) if index < PASSES and not self._ended else self._read_again()
-        for chunk in chunks:
-            for start in range(0, chunk.stop - chunk.start, block_rows):
-                part = slice(start, start + block_rows)
-                rows = slice(chunk.start + start, min(chunk.stop, chunk.start + start + block_rows))
-                yield rows, chunk.base[part], chunk.aligned[part]
-
-    def _queued(self, index: int) -> Iterator[_Chunk]:
-        """Pass `index` from the reader's chunks, skipping what is left of abandoned passes."""
-        while True:
-            chunk = self._next()
-            if chunk is None:
-                return
-            if chunk.pass_index < index:
-                continue
-            _ready(self.device, chunk.ready, (chunk.base, chunk.aligned))
-            yield chunk
-            if chunk.stop == self.shape[0]:
-                return
-
-    def _next(self) -> _Chunk | None:
-        self._owner.release(self._held)
-        self._held = 0
-        if self._ended:
-            return None
-        item = self._owner.take()
-        if isinstance(item, _End):
-            self._ended = True
-            return None
-        assert isinstance(item, _Chunk)
-        self._held = item.nbytes
-        return item
-
-    def _read_again(self) -> Iterator[_Chunk]:
-        if self._stream is None:
-            self._stream = TensorStream()
-        for start in range(0, self.shape[0], self._chunk_rows):
-            stop = min(self.shape[0], start + self._chunk_rows)
-            base, aligned = (self._stream.read_rows(model, self._key, start, stop).to(self.device)
-                             for model in self._owner.models)
-            yield _Chunk(-1, start, stop, base, aligned, 0)
-
-    def finish(self) -> None:
-        """Discard what the reader sent for this weight and the caller did not use."""
-        while self._next() is not None:
-            pass
-        if self._stream is not None:
-            self._stream.close()
-
-
 class Prefetcher:
     """Iterate `Fetched` items for `keys`, in that order, reading ahead up to `budget_bytes`.
 
@@ -200,6 +103,10 @@ class Prefetcher:
         self._chunks = {k: chunk_rows(self.models, k, self._chunk_bytes) for k in keys if self._streamed(k)}
         units = [self._unit_bytes(k) for k in keys]
         self._budget = max(budget_bytes, 2 * max(units, default=0))
+        # Room for one chunk of any streamed weight (with 8 bytes to align the aligned rows).
+        self._buffer_bytes = max((self._unit_bytes(k) for k in self._chunks), default=0) + 8
+        self._free: list[torch.Tensor] = []  # chunk buffers handed back, reused by the next reads
+        self._free_lock = threading.Lock()
         self._queue: queue.Queue[object] = queue.Queue()
         self._held = 0  # bytes read and not yet released by the consumer
         self._room = threading.Condition()
@@ -233,11 +140,31 @@ class Prefetcher:
             raise item.error
         return item
 
-    def release(self, nbytes: int) -> None:
+    def release(self, nbytes: int, buffer: torch.Tensor | None = None) -> None:
+        """The consumer is done with `nbytes` of what was read (and with the chunk `buffer`)."""
+        if buffer is not None:
+            with self._free_lock:
+                self._free.append(buffer)
         if nbytes:
             with self._room:
                 self._held -= nbytes
                 self._room.notify_all()
+
+    def new_buffer(self) -> torch.Tensor:
+        """A chunk buffer: a handed-back one when there is one. Reusing a few fixed buffers keeps the
+        heap from fragmenting, which would otherwise let memory creep up over a long stream."""
+        with self._free_lock:
+            if self._free:
+                return self._free.pop()
+        return torch.empty(self._buffer_bytes, dtype=torch.uint8)
+
+    def read_chunk(self, stream: TensorStream, key: str, start: int, stop: int,
+                   buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows `start:stop` of `key` in both models, read into `buffer` one after the other."""
+        info = self.models[0].tensors[key]
+        split = (info.nbytes // info.shape[0] * (stop - start) + 7) // 8 * 8  # aligned for any dtype
+        base = stream.read_rows(self.models[0], key, start, stop, buffer[:split])
+        return base, stream.read_rows(self.models[1], key, start, stop, buffer[split:])
 
     def __iter__(self) -> Iterator[Fetched]:
         while True:
@@ -295,10 +222,14 @@ class Prefetcher:
                 stop = min(rows, start + step)
                 if not self._wait_for_room(per_row * (stop - start)):
                     return False
-                read = [stream.read_rows(model, key, start, stop) for model in self.models]
-                tensors, ready = self._to_device(read, copy_stream)
-                self._queue.put(_Chunk(index, start, stop, tensors[0], tensors[1], per_row * (stop - start), ready))
-        self._queue.put(_End(key))
+                buffer = self.new_buffer()
+                read = self.read_chunk(stream, key, start, stop, buffer)
+                tensors, ready = self._to_device(list(read), copy_stream)
+                if copy_stream is not None:  # the rows were copied into pinned memory: the buffer is free
+                    self.release(0, buffer)
+                self._queue.put(Chunk(index, start, stop, tensors[0], tensors[1], per_row * (stop - start), ready,
+                                       None if copy_stream is not None else buffer))
+        self._queue.put(End(key))
         return True
 
     def _to_device(self, tensors: list[torch.Tensor], copy_stream: Any) -> tuple[list[torch.Tensor], Any]:

@@ -74,9 +74,9 @@ def _recording_reads(monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], list[i
     wholes = [0]
     read_rows, read = checkpoint.TensorStream.read_rows, checkpoint.TensorStream.read
 
-    def rows(self, model, key, start, stop):  # type: ignore[no-untyped-def]
+    def rows(self, model, key, start, stop, buffer=None):  # type: ignore[no-untyped-def]
         blocks.append(stop - start)
-        return read_rows(self, model, key, start, stop)
+        return read_rows(self, model, key, start, stop, buffer)
 
     def whole(self, model, key):  # type: ignore[no-untyped-def]
         wholes[0] += 1
