@@ -102,8 +102,8 @@ def choose_rows(name: str, args: argparse.Namespace, data: dict[str, object], ro
     if setup.direct_fits and not args.skip_direct:
         keys.append("c")
     else:
-        notes["c"] = (f"not run: two fp32 models are {2 * fp32 / GB:.0f} GB, more than this machine's "
-                      f"{args.info['ram']}" if not setup.direct_fits else "skipped (--skip-direct)")
+        notes["c"] = (f"not run at this shape (two fp32 models are {2 * fp32 / GB:.0f} GB; this machine has "
+                      f"{args.info['ram']})" if not setup.direct_fits else "skipped (--skip-direct)")
     if args.skip_published:
         notes["c2"] = "skipped (--skip-published)"
     elif not setup.direct_fits:
