@@ -28,7 +28,7 @@ class Setup:
 
     name: str
     label: str
-    shape: str  # SHAPE_1B or SHAPE_7B in safelora_cli.demo
+    shape: str  # SHAPE_1B or SHAPE_7B in safelora_cli.demo, or SHAPE_W70/SHAPE_W405 of bench_wide
     targets: tuple[str, ...]
     rank: int
     layers_per_shard: int | None  # None: a single model.safetensors
@@ -56,6 +56,11 @@ SETUPS = {
     "7b": Setup("7b", "7B shape, LoRA on all 7 linear modules, r = 16", "SHAPE_7B", ALL_LINEAR, 16, 8, False,
                 13.5, repeat=3),
     # The same 7B pair with the 1.1B adapter's LoRA config, for the flatness comparison.
+    # One decoder layer of 70B and of 405B geometry, one shard per weight: memory against width.
+    "w70": Setup("w70", "70B geometry (hidden 8192, MLP 28672), one layer, all 7 linear modules, r = 16",
+                 "SHAPE_W70", ALL_LINEAR, 16, 1, False, 1.7, repeat=3),
+    "w405": Setup("w405", "405B geometry (hidden 16384, MLP 53248), one layer, all 7 linear modules, r = 16",
+                  "SHAPE_W405", ALL_LINEAR, 16, 1, False, 6.4, repeat=3),
     "7b-qv": Setup("7b-qv", "7B shape, LoRA on q_proj and v_proj, r = 8", "SHAPE_7B", ("q_proj", "v_proj"), 8, 8,
                    False, 13.5, repeat=3, models_from="7b", adapter_dir="adapter-qv"),
 }

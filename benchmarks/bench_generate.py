@@ -1,6 +1,6 @@
 """Generate (once) the synthetic bf16 trios the benchmarks use; run as a child of bench_patch.py.
 
-    python benchmarks/bench_generate.py DATA_DIR {1b,7b,7b-qv}
+    python benchmarks/bench_generate.py DATA_DIR {1b,7b,7b-qv,w70,w405}
     python benchmarks/bench_generate.py DATA_DIR 1b --multi     # the 8 adapters of the multi-adapter row
 
 The tensors come from `safelora_cli.demo.write_models` / `write_adapter`. A setup that reuses
@@ -41,6 +41,8 @@ from safetensors.torch import save_file
 import safelora_cli.demo as demo
 from safelora_cli.demo import ALIGN_RANK, LlamaShape, write_adapter, write_models
 
+from bench_wide import WIDE_SHAPES, write_wide_adapter, write_wide_models  # isort: skip
+
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
@@ -61,17 +63,25 @@ def ensure_trio(data_dir: Path, setup: Setup) -> Path:
             shutil.rmtree(stale)
     partial.mkdir(parents=True)
     log(f"generating the {setup.label} trio under {root} (once; cached) ...")
-    shape: LlamaShape = getattr(demo, setup.shape)
-    if setup.layers_per_shard is None or setup.layers_per_shard >= shape.layers:
-        bases = write_models(partial, shape, torch.bfloat16)
+    shape = shape_of(setup)
+    if setup.shape in WIDE_SHAPES:
+        bases = write_wide_models(partial, shape)
+        write_wide_adapter(partial / "adapter", shape, bases, setup.targets, setup.rank)
     else:
-        bases = _write_models_chunked(partial, shape, setup.layers_per_shard)
-    write_adapter(partial / "adapter", shape, bases, setup.targets, setup.rank,
-                  base_model="synthetic-aligned")
+        if setup.layers_per_shard is None or setup.layers_per_shard >= shape.layers:
+            bases = write_models(partial, shape, torch.bfloat16)
+        else:
+            bases = _write_models_chunked(partial, shape, setup.layers_per_shard)
+        write_adapter(partial / "adapter", shape, bases, setup.targets, setup.rank, base_model="synthetic-aligned")
     del bases
     (partial / DONE_MARKER).write_text(json.dumps(setup.record()))
     partial.rename(root)
     return root
+
+
+def shape_of(setup: Setup) -> LlamaShape:
+    """The model shape a setup names: one of `safelora_cli.demo`'s, or a one-layer wide one."""
+    return WIDE_SHAPES[setup.shape] if setup.shape in WIDE_SHAPES else getattr(demo, setup.shape)
 
 
 def recovered_bases(root: Path, shape: LlamaShape, targets: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -106,7 +116,7 @@ def ensure_derived_adapter(data_dir: Path, setup: Setup) -> Path:
     if target.exists():
         shutil.rmtree(target)
     log(f"writing the {setup.label} adapter to {target} (once; cached) ...")
-    shape: LlamaShape = getattr(demo, setup.shape)
+    shape = shape_of(setup)
     bases = recovered_bases(root, shape, setup.targets)
     write_adapter(target, shape, bases, setup.targets, setup.rank, base_model="synthetic-aligned")
     adapter_marker(root, setup).write_text(json.dumps(setup.record()))
@@ -122,7 +132,7 @@ def ensure_multi(data_dir: Path, setup: Setup) -> list[Path]:
     if (root / MULTI_DIR).exists():
         shutil.rmtree(root / MULTI_DIR)
     log(f"writing {len(dirs)} adapters to {root / MULTI_DIR} (once; cached) ...")
-    shape: LlamaShape = getattr(demo, setup.shape)
+    shape = shape_of(setup)
     bases = recovered_bases(root, shape, setup.targets)
     for i, path in enumerate(dirs):
         write_adapter(path, shape, bases, setup.targets, setup.rank, seed=MULTI_SEED + i,

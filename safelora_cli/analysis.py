@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from safelora_cli.adapter import Adapter
-from safelora_cli.alignment import AlignmentMatrix
+from safelora_cli.alignment import AlignmentMatrix, Weight
 from safelora_cli.checkpoint import Checkpoint
 from safelora_cli.config import Method, ProjectionSettings
 from safelora_cli.dora import recompute_magnitudes
@@ -79,23 +79,37 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
+def _not_finite(name: str, where: str) -> InputError:
+    return InputError(f"{name} in {where} contains NaN or Inf values.",
+                      hint="The file is corrupted or the training diverged; use a clean copy.")
+
+
 def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
     for name, tensor in tensors.items():
         if not bool(torch.isfinite(tensor).all()):
-            raise InputError(f"{name} in {where} contains NaN or Inf values.",
-                             hint="The file is corrupted or the training diverged; use a clean copy.")
+            raise _not_finite(name, where)
 
 
-def _project(key: str, w_base: torch.Tensor, w_aligned: torch.Tensor, transposed: bool, bs: list[torch.Tensor],
+def _project(key: str, w_base: Weight, w_aligned: Weight, transposed: bool, bs: list[torch.Tensor],
              settings: ProjectionSettings, models: tuple[Checkpoint, Checkpoint]) -> Projected:
     """Project the B's with one weight's V; an error naming the tensor when a weight is not finite."""
-    projected = project(AlignmentMatrix(w_base, w_aligned, transposed), settings, bs)
+    alignment = AlignmentMatrix(w_base, w_aligned, transposed)
+    projected = project(alignment, settings, bs)
     if not math.isfinite(projected.v_norm):
         # Any NaN/Inf in either weight makes ‖V‖ non-finite; only then pay for finding which.
-        for model, weight in zip(models, (w_base, w_aligned), strict=True):
-            check_finite({key: weight}, f"the {model.label} model {model.root}")
-        raise InputError(f"‖W_aligned − W_base‖ is too large to compute in float32 for {key}.")
+        bad = alignment.nonfinite_weight()
+        if bad is not None:
+            raise _not_finite(key, f"the {models[bad].label} model {models[bad].root}")
+        raise InputError(f"W_aligned − W_base is not finite in float32 for {key} (its entries exceed 3.4e38).")
     return projected
+
+
+def _check_range(factors: dict[str, torch.Tensor], plan: LayerPlan, adapter: Adapter) -> None:
+    """The math runs in float32: float64 factors beyond its range cannot be analysed faithfully."""
+    limit = torch.finfo(torch.float32).max
+    if any(t.dtype == torch.float64 and bool(t.abs().max() > limit) for t in factors.values() if t.numel()):
+        raise InputError(f"The LoRA factors of {plan.module} in {adapter.path} are too large to analyse (beyond "
+                         "float32's range).", hint="The training diverged; use a clean checkpoint.")
 
 
 def _checked(math_: LayerMath, plan: LayerPlan, adapter: Adapter) -> LayerMath:
@@ -115,7 +129,7 @@ def _checked(math_: LayerMath, plan: LayerPlan, adapter: Adapter) -> LayerMath:
     return math_
 
 
-def _analyze_weight(key: str, w_base: torch.Tensor, w_aligned: torch.Tensor, jobs: list[Job],
+def _analyze_weight(key: str, w_base: Weight, w_aligned: Weight, jobs: list[Job],
                     models: tuple[Checkpoint, Checkpoint], method: Method) -> None:
     """Every adapter's layers on one weight: V and its projection once, the B's side by side."""
     targets = [(job, i, plan) for job in jobs for i, plan in job.plans_for(key)]
@@ -143,6 +157,7 @@ def analyze(jobs: list[Job], base: Checkpoint, aligned: Checkpoint, method: Meth
         for plan in job.plans:
             factors = {k: job.adapter.tensors[k] for k in (plan.a_key, plan.b_key)}
             check_finite(factors, f"the adapter {job.adapter.path}")
+            _check_range(factors, plan, job.adapter)
     keys = disk_order(sorted({p.weight_key for job in jobs for p in job.plans}), base)
     with Prefetcher(keys, base, aligned, device) as fetched:
         for done, item in enumerate(fetched, start=1):

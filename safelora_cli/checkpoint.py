@@ -15,13 +15,13 @@ from collections.abc import Callable, Collection
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from safelora_cli import file_kind, pickled_io
 from safelora_cli.errors import InputError, UnsupportedError, format_keys
-from safelora_cli.safetensors_io import item_bytes, open_safetensors, read_header, read_tensor
+from safelora_cli.safetensors_io import RowReader, empty_rows, item_bytes, open_safetensors, read_header, read_tensor
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -198,37 +198,66 @@ def refuse_quantized(checkpoint: Checkpoint, key: str) -> None:
     )
 
 
+class _OpenShard(NamedTuple):
+    """A shard `TensorStream` holds open: its reader, and a row reader once rows are asked for."""
+
+    file: Path
+    handle: Any  # a safetensors handle, or a (mapped) pickled state dict
+    stack: ExitStack
+    row_reader: list[RowReader]  # empty until rows are asked for
+
+
 class TensorStream:
-    """Read tensors by name from several checkpoints, one open shard per checkpoint.
+    """Read tensors, or blocks of their rows, by name from several checkpoints, one open shard each.
 
     Reading modules in the order their tensors lie in the shards means each shard is opened
     once; switching shards closes the previous one so its memory is released. Tensors from
     pickled shards are copied out of the mapping, so none of them keeps a closed shard alive.
+    A row block (`read_rows`) costs memory for those rows only, whatever the tensor's width.
     """
 
     def __init__(self) -> None:
-        self._open: dict[str, tuple[Path, Any, ExitStack]] = {}
+        self._open: dict[str, _OpenShard] = {}
 
     def read(self, checkpoint: Checkpoint, key: str) -> torch.Tensor:
+        info, shard = self._shard(checkpoint, key)
+        if info.pickled:
+            return pickled_io.take(shard.handle, key, info.file)
+        return read_tensor(shard.handle, key, info.file)
+
+    def read_rows(self, checkpoint: Checkpoint, key: str, start: int, stop: int,
+                  buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows `start:stop` of `key` as independent memory: new, or the start of the uint8 `buffer`."""
+        info, shard = self._shard(checkpoint, key)
+        if info.pickled:
+            # The zip format is memory-mapped: copying a slice touches only these rows' pages.
+            state = shard.handle
+            mapped = state[key] if key in state else pickled_io.take(state, key, info.file)  # take: not found
+            rows = mapped[start:stop]
+            return empty_rows(tuple(rows.shape), rows.dtype, buffer).copy_(rows)
+        if not shard.row_reader:
+            shard.row_reader.append(RowReader(info.file))
+            shard.stack.callback(shard.row_reader[0].close)
+        return shard.row_reader[0].rows(key, start, stop, buffer)
+
+    def _shard(self, checkpoint: Checkpoint, key: str) -> tuple[TensorInfo, _OpenShard]:
+        """`key`'s entry and its shard, opened (and the previous one of `checkpoint` closed) when needed."""
         info = checkpoint.tensors[key]
         current = self._open.get(checkpoint.label)
-        if current is None or current[0] != info.file:
+        if current is None or current.file != info.file:
             self._close(checkpoint.label)
             stack = ExitStack()
             if info.pickled:
                 handle: Any = pickled_io.load_state_dict(info.file)
             else:
                 handle = stack.enter_context(open_safetensors(info.file))
-            current = (info.file, handle, stack)
-            self._open[checkpoint.label] = current
-        if info.pickled:
-            return pickled_io.take(current[1], key, info.file)
-        return read_tensor(current[1], key, info.file)
+            current = self._open[checkpoint.label] = _OpenShard(info.file, handle, stack, [])
+        return info, current
 
     def _close(self, label: str) -> None:
         entry = self._open.pop(label, None)
         if entry is not None:
-            entry[2].close()
+            entry.stack.close()
 
     def close(self) -> None:
         for label in list(self._open):
