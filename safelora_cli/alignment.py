@@ -127,6 +127,8 @@ class AlignmentMatrix:
         self._whole: torch.Tensor | None = None  # V as stored, when it is a single block
         self.shape = (cols, rows) if transposed else (rows, cols)
         self._norm: float | None = None
+        # (Vᵀ·B)ᵀ of the last paper_project, one (r, in) per B: ⟨B·A, V⟩_F = sum((Vᵀ·B)ᵀ ⊙ A) for free.
+        self.vtbs: list[torch.Tensor] | None = None
 
     @staticmethod
     def _form(base: torch.Tensor, aligned: torch.Tensor, out: torch.Tensor,
@@ -180,6 +182,7 @@ class AlignmentMatrix:
         """
         bts = [b.T.contiguous() for b in bs]  # (r, out)
         mts, squared = self._first_pass(bts)
+        self.vtbs = mts
         if not self._set_norm(squared):
             return None
         cbs = self._second_pass(mts, scale_first=False)

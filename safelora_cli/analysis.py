@@ -138,9 +138,10 @@ def _analyze_weight(key: str, w_base: Weight, w_aligned: Weight, jobs: list[Job]
         bs = [job.adapter.tensors[plan.b_key].to(w_base.device, torch.float32) for job, _, plan in group]
         projected = _project(key, w_base, w_aligned, transposed, bs, method.projection, models)
         cbs: list[torch.Tensor | None] = list(projected.cbs) if projected.cbs is not None else [None] * len(group)
-        for (job, i, plan), cb in zip(group, cbs, strict=True):
+        vtbs: list[torch.Tensor | None] = list(projected.vtbs) if projected.vtbs is not None else [None] * len(group)
+        for (job, i, plan), cb, vtb in zip(group, cbs, vtbs, strict=True):
             lora_a, lora_b = job.adapter.tensors[plan.a_key], job.adapter.tensors[plan.b_key]
-            math_ = _checked(layer_math(projected, lora_a, lora_b, cb), plan, job.adapter)
+            math_ = _checked(layer_math(projected, lora_a, lora_b, cb, vtb), plan, job.adapter)
             if math_.projected_b is not None:
                 # Keep C·B only where it may be used, in the adapter's own dtype on the host: never
                 # more memory than the adapter's B's.

@@ -19,7 +19,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from safelora_cli.errors import OutputError
-from safelora_cli.report import Report, fmt, percent, projected_line, sorted_layers, sweep_text, to_csv, to_json
+from safelora_cli.report import (
+    Report,
+    alignment_line,
+    fmt,
+    percent,
+    projected_line,
+    sorted_layers,
+    sweep_text,
+    to_csv,
+    to_json,
+)
 
 stderr = Console(stderr=True, highlight=False)
 PDST_NOTE = "Pdst: the official code's summary, mean of 1/(1 + ‖B_final − C·B‖); > 0.8 reads as good."
@@ -115,12 +125,13 @@ def layer_table(report: Report, sort: str, title: str | None = None) -> Table:
     table.add_column("layer", justify="right")
     # The module column never truncates; the numeric columns are short and give way first.
     table.add_column("module", no_wrap=True, min_width=max(map(len, names), default=6))
-    for name in ("cosine", "selected", "update kept"):
+    for name in ("cosine", "selected", "alignment cos", "update kept"):
         table.add_column(name, justify="center" if name == "selected" else "right")
     for name, row in zip(names, rows, strict=True):
         cosine = fmt(row["cosine"]) if row["cosine"] is not None else "undefined"
         mark = "[bold green]✓[/]" if row["selected"] else ""
-        table.add_row(fmt(row["layer_index"]), name, cosine, mark, percent(row["update_retained"]))
+        table.add_row(fmt(row["layer_index"]), name, cosine, mark, fmt(row["alignment_cosine"]),
+                      percent(row["update_retained"]))
     return table
 
 
@@ -131,6 +142,7 @@ def summary_lines(report: Report) -> list[str]:
         projected_line(report),
         f"cosine min {fmt(s['cosine_min'])}, median {fmt(s['cosine_median'])}, max {fmt(s['cosine_max'])}.",
         sweep_text(report),
+        alignment_line(report),
         f"Pdst {fmt(s['pdst'])} ({PDST_NOTE.removeprefix('Pdst: ')})",
     ]
     undefined = [r for r in report["layers"] if r["cosine"] is None]

@@ -6,7 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from safelora_cli.report import LayerRecord, Report, fmt, percent, projected_line, sorted_layers, sweep_text
+from safelora_cli.report import (
+    LayerRecord,
+    Report,
+    alignment_line,
+    fmt,
+    percent,
+    projected_line,
+    sorted_layers,
+    sweep_text,
+)
 
 PDST_NOTE = ("Pdst is the official code's summary: the mean over layers of 1/(1 + ‖B_final − C·B‖_F); it is 1 "
              "for a projected layer, and the published code reads > 0.8 as good.")
@@ -70,13 +79,13 @@ def _gates(report: Report) -> list[str]:
 
 def _layers(rows: list[LayerRecord]) -> list[str]:
     lines = [
-        "| layer | module | r | cosine | projected | update kept | ‖V‖ | ‖ΔW‖ | ‖ΔW − CΔW‖ |",
-        "|---:|---|---:|---:|:---:|---:|---:|---:|---:|",
+        "| layer | module | r | cosine | projected | alignment cos | update kept | ‖V‖ | ‖ΔW‖ | ‖ΔW − CΔW‖ |",
+        "|---:|---|---:|---:|:---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         cosine = fmt(row["cosine"]) if row["cosine"] is not None else f"undefined ({row['undefined_reason']})"
         cells = [fmt(row["layer_index"]), f"`{_cell(row['module'])}`", fmt(row["rank"]), _cell(cosine),
-                 fmt(row["selected"]), percent(row["update_retained"]),
+                 fmt(row["selected"]), fmt(row["alignment_cosine"]), percent(row["update_retained"]),
                  *(fmt(row[c]) for c in ("v_norm", "delta_norm", "residual_norm"))]  # type: ignore[literal-required]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -111,6 +120,7 @@ def render(report: Report, sort_layers: list[LayerRecord], public: bool) -> str:
         f"- {sweep_text(report)}",
         f"- Pdst: {fmt(summary['pdst'])}. {PDST_NOTE}",
         *_skipped(report),
+        f"- {alignment_line(report)}",
         "",
         "### Gates",
         "",

@@ -42,6 +42,9 @@ class LayerMath:
             layers a threshold rule cannot select).
         subspace_rank: k of the exact projector, None for the paper's C.
         projected_norm: ‖CΔW‖_F (unscaled), what a projected layer keeps of its update.
+        alignment_cosine: ⟨ΔW, V⟩_F / (‖ΔW‖_F ‖V‖_F), signed (unscaled ΔW: the caller applies the
+            sign of the LoRA scaling); None when undefined. Negative: the update moves the layer
+            back toward the base model, which the paper's cosine cannot see (C is PSD).
     """
 
     cosine: float | None
@@ -53,6 +56,7 @@ class LayerMath:
     projected_b: torch.Tensor | None
     subspace_rank: int | None = None
     projected_norm: float = 0.0
+    alignment_cosine: float | None = None
 
 
 def subspace_basis(v: torch.Tensor, settings: ProjectionSettings) -> torch.Tensor:
@@ -87,33 +91,6 @@ def _gram_inner(x: torch.Tensor, y: torch.Tensor, gram: torch.Tensor) -> float:
     return float(((x.T @ y) * gram).sum())
 
 
-def analyze_layer(
-    w_base: torch.Tensor,
-    w_aligned: torch.Tensor,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    settings: ProjectionSettings,
-    device: torch.device,
-) -> LayerMath:
-    """Cosine, norms and the projected B of one layer (the whole method for one layer).
-
-    Args:
-        w_base: (out, in) base weight.
-        w_aligned: (out, in) aligned weight.
-        lora_a: (r, in) LoRA A.
-        lora_b: (out, r) LoRA B.
-        settings: which projection to use.
-        device: where to compute.
-
-    Returns:
-        A `LayerMath`; degenerate layers get `cosine=None` and a reason, never NaN.
-    """
-    alignment = AlignmentMatrix(w_base.to(device), w_aligned.to(device))
-    projected = project(alignment, settings, [lora_b.to(device=device, dtype=torch.float32)])
-    cb = projected.cbs[0] if projected.cbs is not None else None
-    return layer_math(projected, lora_a, lora_b, cb)
-
-
 @dataclass(frozen=True)
 class Projected:
     """One layer's V applied to the B's of every adapter on it (V is formed once for all).
@@ -122,29 +99,34 @@ class Projected:
         v_norm: ‖V‖_F (not finite when a weight is not: the caller reports which).
         cbs: C·B (or P_k·B) for each B given, float32; None when V = 0 or ‖V‖_F is not finite.
         subspace_rank: k of the exact projector, None for the paper's C.
+        vtbs: (Vᵀ·B)ᵀ, (r, in), for each B: the signed alignment cosine comes from it.
     """
 
     v_norm: float
     cbs: list[torch.Tensor] | None
     subspace_rank: int | None = None
+    vtbs: list[torch.Tensor] | None = None
 
 
 def project(alignment: AlignmentMatrix, settings: ProjectionSettings, bs: list[torch.Tensor]) -> Projected:
     """Apply the projection of `settings` for one layer's V to each B (out, r) in `bs`."""
     if settings.kind is Projection.APPROX:
         cbs = alignment.paper_project(bs)
-        return Projected(alignment.norm(), cbs)
+        return Projected(alignment.norm(), cbs, vtbs=alignment.vtbs)
     v_norm = alignment.norm()
     if v_norm == 0.0 or not math.isfinite(v_norm):
         return Projected(v_norm, None)
-    u = subspace_basis(alignment.dense(), settings)
-    return Projected(v_norm, [u @ (u.T @ b) for b in bs], u.shape[1])
+    v = alignment.dense()
+    u = subspace_basis(v, settings)
+    return Projected(v_norm, [u @ (u.T @ b) for b in bs], u.shape[1], [b.T @ v for b in bs])
 
 
 def layer_math(
-    projected: Projected, lora_a: torch.Tensor, lora_b: torch.Tensor, cb: torch.Tensor | None
+    projected: Projected, lora_a: torch.Tensor, lora_b: torch.Tensor, cb: torch.Tensor | None,
+    vtb: torch.Tensor | None = None,
 ) -> LayerMath:
-    """Cosine and norms for one adapter's A (r, in), B (out, r), given C·B (None when V = 0)."""
+    """Cosine and norms for one adapter's A (r, in), B (out, r), given C·B (None when V = 0) and
+    (Vᵀ·B)ᵀ (r, in) for the signed alignment cosine."""
     device = cb.device if cb is not None else lora_b.device
     a64 = lora_a.to(device=device, dtype=torch.float64)
     gram = a64 @ a64.T
@@ -168,5 +150,9 @@ def layer_math(
     # CΔW = 0 with ΔW ≠ 0: the update is orthogonal to the aligned subspace, the limit cosine is 0.
     cosine = 0.0 if proj_sq <= 0.0 else inner / math.sqrt(proj_sq * dw_sq)
     cosine = min(1.0, max(-1.0, cosine))
+    aligned = None
+    if vtb is not None:
+        signed = float((vtb.to(device=device, dtype=torch.float64) * a64).sum()) / (delta_norm * v_norm)
+        aligned = min(1.0, max(-1.0, signed)) if math.isfinite(signed) else None
     return LayerMath(cosine, None, v_norm, delta_norm, residual_norm, b_distance, cb, subspace_rank,
-                     math.sqrt(max(proj_sq, 0.0)))
+                     math.sqrt(max(proj_sq, 0.0)), aligned)

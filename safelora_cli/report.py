@@ -31,8 +31,8 @@ SCHEMA_VERSION = 1
 SCHEMA_FILE = "report_schema.json"  # JSON Schema of the report, shipped as package data
 # Thresholds of the sweep in the summary: how many layers each would select, so a user picks τ without rerunning.
 SWEEP = (0.3, 0.35, 0.4, 0.5, 0.6)
-_COLUMNS = ("module", "layer_index", "rank", "cosine", "selected", "update_retained", "v_norm", "delta_norm",
-            "residual_norm")
+_COLUMNS = ("module", "layer_index", "rank", "cosine", "selected", "alignment_cosine", "update_retained", "v_norm",
+            "delta_norm", "residual_norm")
 
 
 class LayerRecord(TypedDict):
@@ -45,6 +45,7 @@ class LayerRecord(TypedDict):
     cosine: float | None
     undefined_reason: str | None
     selected: bool
+    alignment_cosine: float | None
     update_retained: float
     v_norm: float
     delta_norm: float
@@ -92,6 +93,8 @@ def _layer_record(result: LayerResult) -> LayerRecord:
         "cosine": math_.cosine,
         "undefined_reason": math_.undefined_reason,
         "selected": result.selected,
+        "alignment_cosine": None if math_.alignment_cosine is None else math.copysign(1.0, plan.scaling) *
+        math_.alignment_cosine,
         "update_retained": _retained(result),
         "v_norm": math_.v_norm,
         "delta_norm": math_.delta_norm * abs(plan.scaling),
@@ -229,6 +232,15 @@ def projected_line(report: Report) -> str:
     share = percent(low) if math.isclose(low, high, rel_tol=0.05) else f"{percent(low)}–{percent(high)}"
     noun = "layer" if s["selected"] == 1 else "layers"
     return f"{s['selected']} {noun} projected; they keep {share} of their update (‖CΔW‖/‖ΔW‖)."
+
+
+def alignment_line(report: Report) -> str:
+    """How many layers the fine-tune moved back toward the base model: what the cosine cannot see."""
+    back = [a for r in report["layers"] if (a := r["alignment_cosine"]) is not None and a < 0.0]
+    lowest = min(back, default=None)
+    where = f", lowest {fmt(lowest)}" if lowest is not None else ""
+    return (f"alignment cos = ⟨ΔW, V⟩/(‖ΔW‖‖V‖), signed: {len(back)} of {len(report['layers'])} layers move back "
+            f"toward the base model (< 0){where}; the cosine scores ΔW and −ΔW alike.")
 
 
 def sweep_text(report: Report) -> str:

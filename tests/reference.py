@@ -27,3 +27,12 @@ def cosine(c: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> float
 
 def patched_b(c: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
     return c @ lora_b.double()
+
+
+def alignment_cosine(w_base: torch.Tensor, w_aligned: torch.Tensor, lora_a: torch.Tensor,
+                     lora_b: torch.Tensor) -> float:
+    """cos(ΔW, V) of the flattened matrices, signed."""
+    v = w_aligned.double() - w_base.double()
+    dw = lora_b.double() @ lora_a.double()
+    return float(torch.dot(v.flatten(), dw.flatten()) / (v.norm() * dw.norm()))
+

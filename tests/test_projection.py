@@ -6,13 +6,23 @@ import math
 
 import pytest
 import torch
-from reference import cosine, dense_c, patched_b, truncated_projector
+from reference import alignment_cosine, cosine, dense_c, patched_b, truncated_projector
 
 from safelora_cli.alignment import AlignmentMatrix
 from safelora_cli.config import Projection, ProjectionSettings, SvdMethod
-from safelora_cli.projection import UNDEFINED_DW_ZERO, UNDEFINED_V_ZERO, analyze_layer
+from safelora_cli.projection import UNDEFINED_DW_ZERO, UNDEFINED_V_ZERO, LayerMath, layer_math, project
 
 CPU = torch.device("cpu")
+
+
+def analyze_layer(w_base: torch.Tensor, w_aligned: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                  settings: ProjectionSettings, device: torch.device, transposed: bool = False) -> LayerMath:
+    """The whole fast method for one layer, as the pipeline runs it."""
+    alignment = AlignmentMatrix(w_base.to(device), w_aligned.to(device), transposed)
+    projected = project(alignment, settings, [lora_b.to(device=device, dtype=torch.float32)])
+    cb = projected.cbs[0] if projected.cbs is not None else None
+    vtb = projected.vtbs[0] if projected.vtbs is not None else None
+    return layer_math(projected, lora_a, lora_b, cb, vtb)
 APPROX = ProjectionSettings()
 SHAPES = {"square": (48, 48), "tall": (96, 32), "wide": (24, 80)}
 
@@ -187,3 +197,31 @@ def test_no_projection_without_a_finite_nonzero_v(poison: float) -> None:
     alignment = AlignmentMatrix(w_base, w_aligned, block_elements=4 * 6)
     assert alignment.paper_project([torch.randn(12, 2)]) is None
     assert (alignment.norm() == 0.0) if poison == 0.0 else not math.isfinite(alignment.norm())
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("settings", [APPROX, ProjectionSettings(Projection.EXACT, rank=4)], ids=["approx", "exact"])
+def test_alignment_cosine_matches_direct_formula(shape: str, settings: ProjectionSettings) -> None:
+    w_base, w_aligned, a, b = layer(*SHAPES[shape], 4, seed=11)
+    result = analyze_layer(w_base, w_aligned, a, b, settings, CPU)
+    assert result.alignment_cosine == pytest.approx(alignment_cosine(w_base, w_aligned, a, b), abs=1e-6)
+
+
+def test_alignment_cosine_of_transposed_storage_matches_direct_formula() -> None:
+    w_base, w_aligned, a, b = layer(40, 24, 4, seed=12)  # ΔW is (40, 24); stored weights are (24, 40)
+    result = analyze_layer(w_base.T.contiguous(), w_aligned.T.contiguous(), a, b, APPROX, CPU, transposed=True)
+    assert result.alignment_cosine == pytest.approx(alignment_cosine(w_base, w_aligned, a, b), abs=1e-6)
+
+
+def test_the_sign_the_cosine_cannot_see() -> None:
+    """ΔW = V and ΔW = −V have the same cosine (C is PSD); the alignment cosine tells them apart."""
+    gen = torch.Generator().manual_seed(13)
+    w_base = torch.randn(32, 32, generator=gen)
+    u, v = torch.randn(32, 2, generator=gen), torch.randn(2, 32, generator=gen)
+    w_aligned = w_base + u @ v
+    forward = analyze_layer(w_base, w_aligned, v, u, APPROX, CPU)
+    backward = analyze_layer(w_base, w_aligned, v, -u, APPROX, CPU)
+    assert forward.cosine == pytest.approx(backward.cosine, abs=1e-6)
+    assert forward.alignment_cosine == pytest.approx(1.0, abs=1e-5)
+    assert backward.alignment_cosine == pytest.approx(-1.0, abs=1e-5)
+

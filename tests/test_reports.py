@@ -100,7 +100,7 @@ def test_report_md_file_is_the_markdown_rendering(llama_trio: Trio, tmp_path: Pa
 
 def test_markdown_shows_revisions_and_undefined_reasons() -> None:
     row = {"module": "m.layers.0.q_proj", "layer_index": 0, "rank": 4, "cosine": None, "selected": False,
-           "update_retained": 1.0,
+           "update_retained": 1.0, "alignment_cosine": None,
            "undefined_reason": "the LoRA update is zero", "v_norm": 1.0, "delta_norm": 0.0, "residual_norm": 0.0}
     report = {
         "command": "inspect", "tool": {"version": "9"}, "device": "cpu", "gates": [], "skipped_files": [],
@@ -213,3 +213,23 @@ def test_side_file_inside_an_input_is_refused(option: str, llama_trio: Trio, tmp
 def test_variant_reports_match_the_schema(case: str, extra: tuple[str, ...], variant_cases) -> None:  # type: ignore[no-untyped-def]
     _, report = variant_cases.patched(case, *extra)
     validate(report)
+
+
+def test_alignment_cosine_and_update_retained_match_the_tensors(demo_trio: Trio) -> None:
+    from reference import alignment_cosine, dense_c
+
+    report = json.loads(run_cli("inspect", *trio_args(demo_trio), "--json").stdout)
+    base = load_file(str(demo_trio.base / "model.safetensors"))
+    aligned = load_file(str(demo_trio.aligned / "model.safetensors"))
+    lora = load_file(str(demo_trio.adapter / "adapter_model.safetensors"))
+    signs = []
+    for row in report["layers"]:
+        a = lora[f"base_model.model.{row['module']}.lora_A.weight"]
+        b = lora[f"base_model.model.{row['module']}.lora_B.weight"]
+        key = row["weight_key"]
+        assert row["alignment_cosine"] == pytest.approx(alignment_cosine(base[key], aligned[key], a, b), abs=1e-5)
+        dw = b.double() @ a.double()
+        kept = float((dense_c(base[key], aligned[key]) @ dw).norm() / dw.norm()) if row["selected"] else 1.0
+        assert row["update_retained"] == pytest.approx(kept, rel=1e-4)
+        signs.append(row["alignment_cosine"] < 0)
+    assert any(signs) and not all(signs)  # the demo has updates on both sides of the alignment direction
