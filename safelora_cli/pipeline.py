@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from safelora_cli import __version__, gates
-from safelora_cli.adapter import Adapter, load_adapter
+from safelora_cli.adapter import Adapter, load_adapter, named_adapters
 from safelora_cli.analysis import Analysis, Job, OnLayer, analyze, resolve_device
 from safelora_cli.checkpoint import Checkpoint
 from safelora_cli.config import Inputs, Method, Outputs
@@ -172,6 +172,10 @@ def _report(command: str, inputs: Inputs, method: Method, policy: gates.Gates, d
     verdicts = gates.evaluate(policy, [r.math.cosine for r in layers], [r.selected for r in layers],
                               [r.plan.module for r in layers])
     skipped = copy.skipped if copy is not None else []
+    others = [n for n in named_adapters(analysis.adapter.root or analysis.adapter.path) if n != analysis.adapter.name]
+    if copy is not None and analysis.adapter.name is not None and others:
+        notes.add(f"{origin.spec}: only {analysis.adapter.name!r} is patched; the other adapters of the directory "
+                  f"({', '.join(others)}) are copied as they are.")
     for item in skipped:
         notes.add(f"{origin.spec}: {item['path']} was not copied to the output: it is {item['reason']}.")
     records = {"base": _entry(models.base_origin, models.base.root),

@@ -251,6 +251,15 @@ def test_named_adapter_output_mirrors_the_input_layout(variant_cases) -> None:  
     assert tree_digest(case.adapter) == before
 
 
+def test_named_adapter_run_warns_that_the_others_are_not_patched(variant_cases, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import safelora_cli
+
+    case = variant_cases.case("two-named")
+    result = safelora_cli.patch(base=case.base, aligned=case.aligned, adapter=case.adapter, adapter_name="second",
+                                out=tmp_path / "out", device="cpu")
+    assert any("only 'second' is patched" in w and "first" in w for w in result.warnings)
+
+
 # --- refusals and broken adapters ---------------------------------------------------------------
 
 def copy_adapter(case: Any, tmp_path: Path, **config_changes: Any) -> Any:
