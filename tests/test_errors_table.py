@@ -25,7 +25,8 @@ from safelora_cli import outputs, placement, writer
 DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 # Rows handled by other test modules (named in the table) rather than here.
 ELSEWHERE = {"pickle-code", "out-changed", "patched-b-overflow", "factors-too-large", "stdout-unwritable",
-             "demo-not-a-directory"}
+             "demo-not-a-directory", "eval-no-prompts-file", "eval-bad-json-line", "eval-bad-expect",
+             "eval-empty-prompts", "eval-bad-marker", "eval-gate-unmeasurable", "eval-missing-extra"}
 Q0 = "model.layers.0.self_attn.q_proj"
 A_KEY, B_KEY = f"base_model.model.{Q0}.lora_A.weight", f"base_model.model.{Q0}.lora_B.weight"
 

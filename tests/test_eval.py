@@ -209,3 +209,10 @@ def test_each_adapter_is_removed_before_the_next_is_loaded(world: World, tmp_pat
     alone, bad, nothing = json.loads(result.stdout)["results"]
     assert bad["completions"] != alone["completions"]
     assert nothing["completions"] == alone["completions"]  # a zero update after pure_bad: the model alone
+
+
+def test_an_invalid_refusal_regex_is_a_usage_error() -> None:
+    from safelora_cli.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"--refusal-marker 're:\(' is not a valid regular expression"):
+        RefusalDetector.parse(["re:("])
