@@ -13,7 +13,7 @@ import contextlib
 import json
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from safelora_cli.errors import OutputError, UsageError
@@ -30,6 +30,7 @@ class Target:
     label: str  # how messages name it: "--out", "--report-md", "--plot", "--out/<name>"
     existed: tuple[int, int] | None = None
     shown: Path | None = None  # as the user gave it, for messages
+    directory: bool = False  # an adapter directory (replaced whole), not a side file
 
     def __str__(self) -> str:
         return f"{self.label} {self.shown or self.path}"
@@ -136,7 +137,7 @@ def _adapter_dir(target: Target, force: bool) -> Target:
                           hint="Choose a new directory, or remove it yourself if it is really disposable.")
     _check_parent(path, str(target))
     info = os.stat(path)
-    return Target(path, target.label, (info.st_dev, info.st_ino), target.shown)
+    return replace(target, existed=(info.st_dev, info.st_ino))
 
 
 def _side_file(target: Target) -> Target:
@@ -149,7 +150,7 @@ def _side_file(target: Target) -> Target:
     return target
 
 
-def _resolved(path: Path, label: str) -> Target:
+def _resolved(path: Path, label: str, directory: bool) -> Target:
     """Where `path` really is. A link as the output itself is refused: outputs are replaced by
     renaming, which would write beside its target rather than at it, and hide where it went."""
     if os.path.islink(path):
@@ -160,7 +161,7 @@ def _resolved(path: Path, label: str) -> Target:
     except (RuntimeError, OSError):
         raise OutputError(f"{label} {path} goes through a loop of symbolic links.",
                           hint="Choose another path.") from None
-    return Target(where, label, shown=path)
+    return Target(where, label, shown=path, directory=directory)
 
 
 def _identities(path: Path) -> set[tuple[int, int]]:
@@ -192,20 +193,16 @@ def _check_against(targets: list[Target], inputs: dict[str, Path]) -> None:
             if _within(where, source) or _identity(source) in above:
                 raise OutputError(f"{target} lies inside the {name} ({source}); inputs are never modified.",
                                   hint="Write it somewhere outside the inputs.")
-            if _is_dir(target) and (_within(source, where) or (_identity(where) or ()) in _identities(source)):
+            if target.directory and (_within(source, where) or (_identity(where) or ()) in _identities(source)):
                 raise OutputError(f"{target} contains the {name} ({source}); replacing it would delete an input.",
                                   hint="Choose a directory elsewhere.")
     for i, first in enumerate(targets):
         for second in targets[i + 1:]:
             a, b = first.path, second.path
-            nested = (_within(a, b) and _is_dir(second)) or (_within(b, a) and _is_dir(first))
+            nested = (_within(a, b) and second.directory) or (_within(b, a) and first.directory)
             if a == b or nested:
                 raise OutputError(f"{first} and {second} overlap; each output needs its own place.",
                                   hint="Write them to separate paths.")
-
-
-def _is_dir(target: Target) -> bool:
-    return target.label.startswith("--out")
 
 
 def protected(inputs: dict[str, Path]) -> dict[str, Path]:
@@ -246,7 +243,7 @@ def plan_outputs(out: Path | None, force: bool, report_md: Path | None, plot: Pa
                                                        for n in names]
     for path, label in (*dirs, *sides):
         _check_name(path, label)
-    found = [_resolved(path, label) for path, label in (*dirs, *sides)]
+    found = [_resolved(path, label, i < len(dirs)) for i, (path, label) in enumerate((*dirs, *sides))]
     _check_against(found, inputs)
     md = [_side_file(t) for t in found[len(dirs):] if t.label == "--report-md"]
     return OutputPlan([_adapter_dir(t, force) for t in found[:len(dirs)]], md[0] if md else None,
