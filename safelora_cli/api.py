@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from os import PathLike
 from pathlib import Path
+from typing import Any
 
 from safelora_cli.config import Inputs, Method, Outputs, Projection, ProjectionSettings, SelectionRule, SvdMethod
 from safelora_cli.errors import UsageError
@@ -107,17 +108,7 @@ def patch(*, base: StrPath, adapter: StrPath | Sequence[StrPath], out: StrPath, 
     Raises:
         SafeLoraError: (InputError, OutputError, UsageError, …) with a message and a hint.
     """
-    from safelora_cli import pipeline
-
-    _check_types(locals())
-    return pipeline.run(
-        "patch",
-        _inputs(base, adapter, aligned, (base_revision, aligned_revision, adapter_revision), adapter_name,
-                key_map, token),
-        _method(threshold, top_k, projection, rank, energy, svd, device),
-        Outputs(out=Path(out), force=force, report_md=_path(report_md), plot=_path(plot)),
-        _gates(max_selected, fail_below), on_layer=on_progress, warn=on_warning,
-    )
+    return _run("patch", locals())
 
 
 def inspect(*, base: StrPath, adapter: StrPath | Sequence[StrPath], aligned: StrPath | None = None,
@@ -132,17 +123,23 @@ def inspect(*, base: StrPath, adapter: StrPath | Sequence[StrPath], aligned: Str
 
     Arguments as for `patch`, without `out` and `force`.
     """
+    return _run("inspect", {**locals(), "out": None, "force": False})
+
+
+def _run(command: str, args: dict[str, Any]) -> Result:
+    """Check the arguments' types, make the settings (each validates itself), run the pipeline."""
     from safelora_cli import pipeline
 
-    _check_types(locals())
-    return pipeline.run(
-        "inspect",
-        _inputs(base, adapter, aligned, (base_revision, aligned_revision, adapter_revision), adapter_name,
-                key_map, token),
-        _method(threshold, top_k, projection, rank, energy, svd, device),
-        Outputs(report_md=_path(report_md), plot=_path(plot)),
-        _gates(max_selected, fail_below), on_layer=on_progress, warn=on_warning,
-    )
+    _check_types(args)
+    if command == "patch" and args["out"] is None:
+        raise UsageError("patch needs out, the directory to write the patched adapter to.")
+    a = args
+    inputs = _inputs(a["base"], a["adapter"], a["aligned"], (a["base_revision"], a["aligned_revision"],
+                     a["adapter_revision"]), a["adapter_name"], a["key_map"], a["token"])
+    method = _method(a["threshold"], a["top_k"], a["projection"], a["rank"], a["energy"], a["svd"], a["device"])
+    outputs = Outputs(out=_path(a["out"]), force=a["force"], report_md=_path(a["report_md"]), plot=_path(a["plot"]))
+    return pipeline.run(command, inputs, method, outputs, _gates(a["max_selected"], a["fail_below"]),
+                        on_layer=a["on_progress"], warn=a["on_warning"])
 
 
 def _path(value: StrPath | None) -> Path | None:

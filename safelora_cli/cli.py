@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 import typer.core
@@ -18,6 +18,9 @@ from safelora_cli.config import DEFAULT_THRESHOLD, Projection, SvdMethod
 from safelora_cli.errors import OutputError, expand_user
 from safelora_cli.exits import user_errors
 from safelora_cli.options import SOURCE, DeviceOpt, option
+
+if TYPE_CHECKING:
+    from safelora_cli.result import Result
 
 
 def _no_metavar(option: Any) -> Any:
@@ -115,6 +118,7 @@ PlotOpt = Annotated[Optional[Path], option(  # noqa: UP045
     "--plot", metavar="FILE.png", help="Also draw cosine per layer and module to a PNG (needs the plot extra: "
     "pip install 'safelora-cli\\[plot]').")]
 
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"safelora-cli {__version__}")
@@ -138,7 +142,7 @@ def _common(quiet: bool) -> dict[str, Any]:
     return {"on_warning": None if quiet else console.warning}
 
 
-def _finish(result: Any, written_note: str | None) -> None:
+def _finish(result: Result, written_note: str | None) -> None:
     """Exit 3, after everything was written and printed, naming the first failed gate."""
     failed = result.failed_gates
     if failed:

@@ -23,6 +23,7 @@ from safelora_cli.report import (
     Report,
     alignment_line,
     fmt,
+    pdst_line,
     percent,
     projected_line,
     sorted_layers,
@@ -32,7 +33,6 @@ from safelora_cli.report import (
 )
 
 stderr = Console(stderr=True, highlight=False)
-PDST_NOTE = "Pdst: the official code's summary, mean of 1/(1 + ‖B_final − C·B‖); > 0.8 reads as good."
 
 
 def stdout() -> Console:
@@ -143,7 +143,7 @@ def summary_lines(report: Report) -> list[str]:
         f"cosine min {fmt(s['cosine_min'])}, median {fmt(s['cosine_median'])}, max {fmt(s['cosine_max'])}.",
         sweep_text(report),
         alignment_line(report),
-        f"Pdst {fmt(s['pdst'])} ({PDST_NOTE.removeprefix('Pdst: ')})",
+        pdst_line(report),
     ]
     undefined = [r for r in report["layers"] if r["cosine"] is None]
     if undefined:

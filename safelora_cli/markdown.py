@@ -11,14 +11,12 @@ from safelora_cli.report import (
     Report,
     alignment_line,
     fmt,
+    pdst_line,
     percent,
     projected_line,
     sorted_layers,
     sweep_text,
 )
-
-PDST_NOTE = ("Pdst is the official code's summary: the mean over layers of 1/(1 + ‖B_final − C·B‖_F); it is 1 "
-             "for a projected layer, and the published code reads > 0.8 as good.")
 
 
 def _cell(value: Any) -> str:
@@ -118,7 +116,7 @@ def render(report: Report, sort_layers: list[LayerRecord], public: bool) -> str:
         f"- Cosine min / median / max: {fmt(summary['cosine_min'])} / {fmt(summary['cosine_median'])} / "
         f"{fmt(summary['cosine_max'])}",
         f"- {sweep_text(report)}",
-        f"- Pdst: {fmt(summary['pdst'])}. {PDST_NOTE}",
+        f"- {pdst_line(report)}",
         *_skipped(report),
         f"- {alignment_line(report)}",
         "",

@@ -142,7 +142,7 @@ def run(command: str, inputs: Inputs, method: Method, outputs: Outputs, policy: 
         if command == "patch":
             _write(plan, adapters, analyses, copies, reports, written)
         _write_side_files(side_files, written)
-    return Result(command, reports, [p for p in written if p in {t.path for t in plan.adapter_dirs}], list(notes))
+    return Result(command, reports, [t.path for t in plan.adapter_dirs], list(notes))
 
 
 def _resolve_models(inputs: Inputs, aligned: tuple[str, str | None], adapters: list[tuple[Origin, Adapter]]) -> _Models:
@@ -172,15 +172,16 @@ def _report(command: str, inputs: Inputs, method: Method, policy: gates.Gates, d
     verdicts = gates.evaluate(policy, [r.math.cosine for r in layers], [r.selected for r in layers],
                               [r.plan.module for r in layers])
     skipped = copy.skipped if copy is not None else []
-    others = [n for n in named_adapters(analysis.adapter.root or analysis.adapter.path) if n != analysis.adapter.name]
-    if copy is not None and analysis.adapter.name is not None and others:
-        notes.add(f"{origin.spec}: only {analysis.adapter.name!r} is patched; the other adapters of the directory "
+    adapter = analysis.adapter
+    others = [n for n in named_adapters(adapter.root or adapter.path) if n != adapter.name] if adapter.name else []
+    if copy is not None and others:
+        notes.add(f"{origin.spec}: only {adapter.name!r} is patched; the other adapters of the directory "
                   f"({', '.join(others)}) are copied as they are.")
     for item in skipped:
         notes.add(f"{origin.spec}: {item['path']} was not copied to the output: it is {item['reason']}.")
     records = {"base": _entry(models.base_origin, models.base.root),
                "aligned": _entry(models.aligned_origin, models.aligned.root),
-               "adapter": _entry(origin, analysis.adapter.path)}
+               "adapter": _entry(origin, adapter.path)}
     return build_report(command, analysis, records, _settings(inputs, method), device, verdicts, skipped)
 
 

@@ -234,6 +234,12 @@ def projected_line(report: Report) -> str:
     return f"{s['selected']} {noun} projected; they keep {share} of their update (‖CΔW‖/‖ΔW‖)."
 
 
+def pdst_line(report: Report) -> str:
+    """The official code's summary number, with what it means: people meet it in its printout."""
+    return (f"Pdst {fmt(report['summary']['pdst'])}: the official code's summary, the mean over layers of "
+            "1/(1 + ‖B_final − C·B‖_F), 1 for a projected layer; the published code reads > 0.8 as good.")
+
+
 def alignment_line(report: Report) -> str:
     """How many layers the fine-tune moved back toward the base model: what the cosine cannot see."""
     back = [a for r in report["layers"] if (a := r["alignment_cosine"]) is not None and a < 0.0]

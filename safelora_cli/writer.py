@@ -140,19 +140,35 @@ def _verify(path: Path, expected: dict[str, torch.Tensor]) -> None:
                 raise RuntimeError(f"verification failed: {key} in {path} differs from what was written")
 
 
+def _copy_file(source: Path, target: Path, chunk: int = 8 << 20) -> None:
+    """Copy in chunks (an adapter directory may hold large files), telling a failure to read the
+    input (the adapter's problem) from a failure to write the output (an OSError for the caller)."""
+
+    def unreadable(exc: OSError) -> InputError:
+        return InputError(f"Cannot read {source} of the adapter: {exc.strerror or exc}; nothing was written.")
+
+    try:
+        reader = open(source, "rb")  # noqa: SIM115 - closed below, after the copy
+    except OSError as exc:
+        raise unreadable(exc) from None
+    with reader, open(target, "wb") as writer:
+        while True:
+            try:
+                data = reader.read(chunk)
+            except OSError as exc:
+                raise unreadable(exc) from None
+            if not data:
+                break
+            writer.write(data)
+    shutil.copymode(source, target)
+
+
 def _build(staging: Path, adapter: Adapter, patched: dict[str, torch.Tensor], copy: CopyPlan, report: Report,
            provenance_record: str, title: str) -> None:
     for directory in copy.directories:
         (staging / directory).mkdir()
     for item in copy.files:
-        try:
-            with open(item.source, "rb") as source:
-                data = source.read()
-        except OSError as exc:
-            raise InputError(f"Cannot read {item.source} of the adapter: {exc.strerror or exc}; nothing was "
-                             "written.") from None
-        (staging / item.relative).write_bytes(data)
-        shutil.copymode(item.source, staging / item.relative)
+        _copy_file(item.source, staging / item.relative)
     # A named adapter (a subfolder) is written at the same place in a copy of the whole directory.
     root = adapter.root or adapter.path
     weights = staging / adapter.path.relative_to(root) / WEIGHTS_NAME

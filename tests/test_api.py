@@ -128,7 +128,7 @@ def test_the_import_graph_has_no_cycle() -> None:
 @pytest.mark.parametrize(("argument", "value"), [
     ("threshold", True), ("threshold", "0.5"), ("fail_below", True), ("top_k", 2.5), ("top_k", True),
     ("rank", True), ("force", "no"), ("adapter", 1), ("adapter", []), ("key_map", Path("x")), ("key_map", ["a=b", 1]),
-    ("out", 3), ("report_md", ["r.md"]), ("on_progress", 1), ("device", 0), ("max_selected", 2.5),
+    ("out", 3), ("out", None), ("report_md", ["r.md"]), ("on_progress", 1), ("device", 0), ("max_selected", 2.5),
 ])
 def test_arguments_of_the_wrong_type_are_usage_errors(demo_trio: Trio, tmp_path: Path, argument: str,
                                                       value: object) -> None:
