@@ -12,16 +12,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Result", "SafeLoraError", "__version__", "inspect", "patch"]
+__all__ = ["Result", "SafeLoraError", "__version__", "inspect", "patch", "subspace"]
 
 if TYPE_CHECKING:
-    from safelora_cli.api import inspect, patch
+    from safelora_cli.api import inspect, patch, subspace
     from safelora_cli.errors import SafeLoraError
     from safelora_cli.result import Result
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("patch", "inspect"):
+    if name in ("patch", "inspect", "subspace"):
         from safelora_cli import api
 
         return getattr(api, name)

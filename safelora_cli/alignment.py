@@ -24,7 +24,8 @@ import torch
 # every pass. On a GPU memory is not the constraint, and V is always formed whole, once.
 BLOCK_ELEMENTS = 1 << 20
 
-Rows = tuple[slice, torch.Tensor, torch.Tensor]  # (stored rows, base rows, aligned rows)
+Rows = tuple[slice, torch.Tensor | None, torch.Tensor]  # (stored rows, base rows, aligned rows)
+# A source whose base rows are None delivers V itself as the aligned rows (a subspace file stores V).
 
 
 class RowSource(Protocol):
@@ -131,9 +132,12 @@ class AlignmentMatrix:
         self.vtbs: list[torch.Tensor] | None = None
 
     @staticmethod
-    def _form(base: torch.Tensor, aligned: torch.Tensor, out: torch.Tensor,
+    def _form(base: torch.Tensor | None, aligned: torch.Tensor, out: torch.Tensor,
               scratch: torch.Tensor | None) -> torch.Tensor:
-        """aligned − base in float32, written into `out` (same rows; `scratch` for a cast)."""
+        """aligned − base in float32, written into `out` (same rows; `scratch` for a cast); V itself
+        when there is no base."""
+        if base is None:
+            return out.copy_(aligned)
         # Subtracting a bfloat16 operand in place casts element by element, several times
         # slower than casting it into a float32 buffer first.
         return out.copy_(aligned).sub_(base if scratch is None else scratch.copy_(base))
@@ -158,8 +162,13 @@ class AlignmentMatrix:
         buffer = torch.empty(self._block_rows, cols, dtype=torch.float32, device=self.device)
         scratch = None if self._source.dtype == torch.float32 else torch.empty_like(buffer)
         for rows, base, aligned in self._source.rows(self._block_rows):
-            n = base.shape[0]
+            n = aligned.shape[0]
             yield rows, self._form(base, aligned, buffer[:n], None if scratch is None else scratch[:n])
+
+    def stored_blocks(self) -> Iterator[tuple[slice, torch.Tensor]]:
+        """V as the checkpoints store it, float32, a block of rows at a time (each block is only
+        valid until the next is asked for): what a subspace file's exact mode writes."""
+        return self._blocks()
 
     def norm(self) -> float:
         """‖V‖_F (inf or nan when a weight is not finite)."""
@@ -256,7 +265,7 @@ class AlignmentMatrix:
         """
         for _, base, aligned in self._source.rows(self._block_rows):
             for index, weight in enumerate((base, aligned)):
-                if not bool(torch.isfinite(weight).all()):
+                if weight is not None and not bool(torch.isfinite(weight).all()):
                     return index
         return None
 

@@ -29,9 +29,13 @@ OnLayer = Callable[[int, int], None]  # (modules done, modules in all)
 
 @dataclass(frozen=True)
 class LayerResult:
+    """One layer's outcome. `decided` (low-rank subspace only): whether the cosine's bounds are
+    tight enough that the full C would select the same (None when not applicable)."""
+
     plan: LayerPlan
     math: LayerMath
     selected: bool
+    decided: bool | None = None
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The Python API: `safelora_cli.patch(...)` and `safelora_cli.inspect(...)`.
+"""The Python API: `safelora_cli.patch(...)`, `safelora_cli.inspect(...)` and `safelora_cli.subspace(...)`.
 
 Keyword arguments are named like the CLI flags. Both return a `Result` whose `.reports` are the
 JSON documents `--json` prints and whose gate verdicts are data (`.passed`, `.failed_gates`);
@@ -11,12 +11,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from os import PathLike
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from safelora_cli.config import Inputs, Method, Outputs, Projection, ProjectionSettings, SelectionRule, SvdMethod
 from safelora_cli.errors import UsageError
 from safelora_cli.gates import Gates, parse_selected_limit
 from safelora_cli.result import Result
+
+if TYPE_CHECKING:
+    from safelora_cli.subspace_build import SubspaceResult
 
 StrPath = str | PathLike[str]
 OnProgress = Callable[[int, int], None]  # (weights done, weights in all)
@@ -31,7 +34,8 @@ def _check_types(values: dict[str, object]) -> None:
         "top_k": (int,), "rank": (int,), "force": (bool,), "device": (str,), "adapter_name": (str,),
         "token": (str,), "base_revision": (str,), "aligned_revision": (str,), "adapter_revision": (str,),
         "max_selected": (int, str), "base": (str, PathLike), "aligned": (str, PathLike), "out": (str, PathLike),
-        "report_md": (str, PathLike), "plot": (str, PathLike),
+        "report_md": (str, PathLike), "plot": (str, PathLike), "subspace": (str, PathLike),
+        "subspace_revision": (str,), "dtype": (str,),
     }
     for name, value in values.items():
         if value is None or name not in kinds:
@@ -42,26 +46,33 @@ def _check_types(values: dict[str, object]) -> None:
                              f"{type(value).__name__} {value!r}.")
     adapters = values.get("adapter")
     listed = [adapters] if isinstance(adapters, str | PathLike) else adapters
-    if not isinstance(listed, list | tuple) or not listed or not all(isinstance(a, str | PathLike) for a in listed):
+    optional = values.get("modules") is not None and adapters is None  # subspace: --modules instead
+    if not optional and (not isinstance(listed, list | tuple) or not listed or
+                         not all(isinstance(a, str | PathLike) for a in listed)):
         raise UsageError(f"adapter must be a path, a Hub id or a list of them, got {adapters!r}.")
-    rules = values.get("key_map")
-    if rules is not None and not isinstance(rules, str) and (
-            not isinstance(rules, list | tuple) or not all(isinstance(r, str) for r in rules)):
-        raise UsageError(f"key_map must be a REGEX=REPLACEMENT string or a list of them, got {rules!r}.")
+    for name in ("key_map", "modules"):
+        _check_strings(name, values.get(name))
     for name in ("on_progress", "on_warning"):
         if values.get(name) is not None and not callable(values[name]):
             raise UsageError(f"{name} must be callable, got {values[name]!r}.")
 
 
-def _inputs(base: StrPath, adapter: StrPath | Sequence[StrPath], aligned: StrPath | None,
-            revisions: tuple[str | None, str | None, str | None], adapter_name: str | None,
-            key_map: Sequence[str] | str | None, token: str | None) -> Inputs:
-    adapters = [adapter] if isinstance(adapter, str | PathLike) else list(adapter)
-    rules = [key_map] if isinstance(key_map, str) else list(key_map or ())
-    return Inputs(base=str(base), adapters=tuple(str(a) for a in adapters),
-                  aligned=None if aligned is None else str(aligned), base_revision=revisions[0],
-                  aligned_revision=revisions[1], adapter_revision=revisions[2], adapter_name=adapter_name,
-                  key_map=tuple(rules), token=token)
+def _check_strings(name: str, rules: object) -> None:
+    """None, a string, or a list of strings."""
+    if rules is not None and not isinstance(rules, str) and (
+            not isinstance(rules, list | tuple) or not all(isinstance(r, str) for r in rules)):
+        what = "a REGEX=REPLACEMENT string" if name == "key_map" else "a module name"
+        raise UsageError(f"{name} must be {what} or a list of them, got {rules!r}.")
+
+
+def _inputs(a: dict[str, Any]) -> Inputs:
+    adapter = a["adapter"]
+    adapters = [] if adapter is None else [adapter] if isinstance(adapter, str | PathLike) else list(adapter)
+    rules = [a["key_map"]] if isinstance(a["key_map"], str) else list(a["key_map"] or ())
+    return Inputs(base=_text(a["base"]), adapters=tuple(str(x) for x in adapters), aligned=_text(a["aligned"]),
+                  base_revision=a["base_revision"], aligned_revision=a["aligned_revision"],
+                  adapter_revision=a["adapter_revision"], adapter_name=a["adapter_name"], key_map=tuple(rules),
+                  token=a["token"], subspace=_text(a.get("subspace")), subspace_revision=a.get("subspace_revision"))
 
 
 def _method(threshold: float | None, top_k: int | None, projection: Projection | str, rank: int | None,
@@ -76,7 +87,8 @@ def _gates(max_selected: int | str | None, fail_below: float | None) -> Gates:
     return Gates(max_selected=limit, fail_below=fail_below)
 
 
-def patch(*, base: StrPath, adapter: StrPath | Sequence[StrPath], out: StrPath, aligned: StrPath | None = None,
+def patch(*, adapter: StrPath | Sequence[StrPath], out: StrPath, base: StrPath | None = None,
+          aligned: StrPath | None = None, subspace: StrPath | None = None, subspace_revision: str | None = None,
           threshold: float | None = None, top_k: int | None = None, projection: Projection | str = "approx",
           rank: int | None = None, energy: float | None = None, svd: SvdMethod | str = "auto",
           device: str = "auto", key_map: Sequence[str] | str | None = None, adapter_name: str | None = None,
@@ -88,11 +100,13 @@ def patch(*, base: StrPath, adapter: StrPath | Sequence[StrPath], out: StrPath, 
     """Write a patched copy of each adapter, with its report. See docs/api.md.
 
     Args:
-        base: the base (unaligned) model: a local directory or a Hub id `org/name[@revision]`.
         adapter: a PEFT LoRA adapter (directory or Hub id), or a list of them sharing base and aligned;
             with several, each is written to `out/<its directory name>`.
         out: the directory to create for the patched adapter.
+        base: the base (unaligned) model: a local directory or a Hub id `org/name[@revision]`.
         aligned: the safety-aligned model; default: the adapter config's `base_model_name_or_path`.
+        subspace, subspace_revision: a file written by `subspace()` (directory or Hub id), read in place of
+            base and aligned.
         threshold, top_k: the selection rule (cosine ≤ threshold, default 0.5; or the top_k lowest).
         projection, rank, energy, svd: "approx" (the paper's C) or "exact" with a rank or energy.
         device: "auto", "cpu", "cuda" or "cuda:N".
@@ -111,7 +125,8 @@ def patch(*, base: StrPath, adapter: StrPath | Sequence[StrPath], out: StrPath, 
     return _run("patch", locals())
 
 
-def inspect(*, base: StrPath, adapter: StrPath | Sequence[StrPath], aligned: StrPath | None = None,
+def inspect(*, adapter: StrPath | Sequence[StrPath], base: StrPath | None = None, aligned: StrPath | None = None,
+            subspace: StrPath | None = None, subspace_revision: str | None = None,
             threshold: float | None = None, top_k: int | None = None, projection: Projection | str = "approx",
             rank: int | None = None, energy: float | None = None, svd: SvdMethod | str = "auto",
             device: str = "auto", key_map: Sequence[str] | str | None = None, adapter_name: str | None = None,
@@ -126,6 +141,40 @@ def inspect(*, base: StrPath, adapter: StrPath | Sequence[StrPath], aligned: Str
     return _run("inspect", {**locals(), "out": None, "force": False})
 
 
+def subspace(*, base: StrPath, out: StrPath, adapter: StrPath | Sequence[StrPath] | None = None,
+             modules: Sequence[str] | str | None = None, aligned: StrPath | None = None, rank: int | None = None,
+             energy: float | None = None, dtype: str = "float32", device: str = "auto",
+             key_map: Sequence[str] | str | None = None, adapter_name: str | None = None,
+             base_revision: str | None = None, aligned_revision: str | None = None,
+             adapter_revision: str | None = None, token: str | None = None, force: bool = False,
+             on_progress: OnProgress | None = None, on_warning: OnWarning | None = None) -> SubspaceResult:
+    """Write a safety-subspace file: what `patch(subspace=...)` needs in place of base and aligned.
+
+    Args:
+        base, aligned: the two models, as for `patch`.
+        out: the directory to create.
+        adapter, modules: the weights to cover: those an adapter (or several) adapts, or every
+            `<module>.weight` of these module names (e.g. ["q_proj", "v_proj"]); give one of the two.
+        rank, energy: low-rank mode, C ≈ Q·Qᵀ with Q of V's top `rank` directions, or the fewest keeping
+            `energy` of C's energy (Σσ⁴); neither: exact mode, V itself.
+        dtype: what exact mode stores V in: "float32" (default), "bfloat16" or "float16".
+        force: replace `out` if it is empty or an earlier subspace file.
+        Others as for `patch`.
+
+    Raises:
+        SafeLoraError: as for `patch`.
+    """
+    from safelora_cli.subspace_build import SubspaceRequest, build
+
+    args = locals()
+    _check_types(args)
+    names = [modules] if isinstance(modules, str) else list(modules or ())
+    names = [n.strip() for part in names for n in part.split(",") if n.strip()]
+    inputs = _inputs({**args, "adapter": adapter})
+    request = SubspaceRequest(inputs, Path(out), tuple(names), rank, energy, dtype, force, device)
+    return build(request, on_layer=on_progress, warn=on_warning)
+
+
 def _run(command: str, args: dict[str, Any]) -> Result:
     """Check the arguments' types, make the settings (each validates itself), run the pipeline."""
     from safelora_cli import pipeline
@@ -134,8 +183,7 @@ def _run(command: str, args: dict[str, Any]) -> Result:
     if command == "patch" and args["out"] is None:
         raise UsageError("patch needs out, the directory to write the patched adapter to.")
     a = args
-    inputs = _inputs(a["base"], a["adapter"], a["aligned"], (a["base_revision"], a["aligned_revision"],
-                     a["adapter_revision"]), a["adapter_name"], a["key_map"], a["token"])
+    inputs = _inputs(a)
     method = _method(a["threshold"], a["top_k"], a["projection"], a["rank"], a["energy"], a["svd"], a["device"])
     outputs = Outputs(out=_path(a["out"]), force=a["force"], report_md=_path(a["report_md"]), plot=_path(a["plot"]))
     return pipeline.run(command, inputs, method, outputs, _gates(a["max_selected"], a["fail_below"]),
@@ -144,3 +192,7 @@ def _run(command: str, args: dict[str, Any]) -> Result:
 
 def _path(value: StrPath | None) -> Path | None:
     return None if value is None else Path(value)
+
+
+def _text(value: StrPath | None) -> str | None:
+    return None if value is None else str(value)

@@ -17,7 +17,22 @@ from safelora_cli import __version__, console
 from safelora_cli.config import DEFAULT_THRESHOLD, Projection, SvdMethod
 from safelora_cli.errors import OutputError, expand_user
 from safelora_cli.exits import user_errors
-from safelora_cli.options import SOURCE, DeviceOpt, option
+from safelora_cli.options import (
+    AdapterNameOpt,
+    AdapterOpt,
+    AdapterRevisionOpt,
+    AlignedOpt,
+    AlignedRevisionOpt,
+    BaseOpt,
+    BaseRevisionOpt,
+    DeviceOpt,
+    KeyMapOpt,
+    QuietOpt,
+    SubspaceOpt,
+    SubspaceRevisionOpt,
+    TokenOpt,
+    option,
+)
 
 if TYPE_CHECKING:
     from safelora_cli.result import Result
@@ -64,24 +79,6 @@ class SortKey(str, Enum):
     MODULE = "module"
 
 
-# Options shared by both commands, declared once.
-BaseOpt = Annotated[str, option("--base", metavar=SOURCE, help="Base (unaligned) model, e.g. Llama-2-7b: a local "
-                              "directory (safetensors or .bin, single or sharded) or a Hub id.")]
-AlignedOpt = Annotated[Optional[str], option(  # noqa: UP045 - typer needs Optional on 3.10
-    "--aligned", metavar=SOURCE, help="Safety-aligned model the adapter was trained on, e.g. Llama-2-7b-chat. "
-    "Default: the model the adapter's config names (base_model_name_or_path).")]
-AdapterOpt = Annotated[list[str], option(
-    "--adapter", metavar=SOURCE, help="PEFT LoRA adapter: a directory or a Hub id. Repeat it to analyse several "
-    "adapters of the same base and aligned models in one pass over the weights.")]
-BaseRevisionOpt = Annotated[Optional[str], option(  # noqa: UP045
-    "--base-revision", metavar="REV", help="Hub branch, tag or commit of --base (default: the main branch).")]
-AlignedRevisionOpt = Annotated[Optional[str], option(  # noqa: UP045
-    "--aligned-revision", metavar="REV", help="Hub branch, tag or commit of --aligned.")]
-AdapterRevisionOpt = Annotated[Optional[str], option(  # noqa: UP045
-    "--adapter-revision", metavar="REV", help="Hub branch, tag or commit of --adapter.")]
-TokenOpt = Annotated[Optional[str], option(  # noqa: UP045
-    "--token", metavar="TOKEN", help="Hugging Face token for private or gated repositories. Default: HF_TOKEN, or "
-    "the token saved by `hf auth login`.")]
 ThresholdOpt = Annotated[Optional[float], option(  # noqa: UP045
     "--threshold", metavar="TAU", help=f"Select layers whose cosine is ≤ TAU (the paper's rule). Default "
     f"{DEFAULT_THRESHOLD} when --top-k is not given.")]
@@ -96,16 +93,9 @@ EnergyOpt = Annotated[Optional[float], option(  # noqa: UP045
     "--energy", metavar="E", help="With --projection exact: keep the fewest directions holding this fraction of Σσ².")]
 SvdOpt = Annotated[SvdMethod, typer.Option(
     "--svd", help="SVD for --projection exact: auto picks randomized for a small --rank, full otherwise.")]
-AdapterNameOpt = Annotated[Optional[str], option(  # noqa: UP045
-    "--adapter-name", metavar="NAME", help="Which of several adapters saved in one directory (PEFT saves a "
-    "non-default adapter in a subfolder named after it).")]
-KeyMapOpt = Annotated[Optional[list[str]], option(  # noqa: UP045
-    "--key-map", metavar="REGEX=REPLACEMENT", help="Rewrite adapter module names before looking up their weights, "
-    "e.g. `'^backbone\\.=model.'`. Repeatable; applied in order.")]
 JsonOpt = Annotated[bool, option("--json", metavar="", help="Print the report as JSON on stdout (several adapters: "
                                "an array).")]
 SortOpt = Annotated[SortKey, typer.Option("--sort", help="Row order of the layer table.")]
-QuietOpt = Annotated[bool, option("--quiet", "-q", metavar="", help="Print nothing but errors on stderr.")]
 MaxSelectedOpt = Annotated[Optional[str], option(  # noqa: UP045
     "--max-selected", metavar="N|N%", help="Gate: exit 3 when the rule selects more than N layers, or more than N% "
     "of them (a sign the fine-tune drifted far from the aligned model). Outputs are still written.")]
@@ -169,17 +159,20 @@ _PATCH_HELP = (
     "    safelora patch --base ./base --aligned ./chat --adapter ./lora --out ./safe\n\n"
     "    safelora patch --base ./base --adapter ./lora --out ./safe --top-k 10\n\n"
     "    safelora patch --base ./base --adapter ./lora --out safe --max-selected 20%\n\n"
-    "    safelora patch --base meta-llama/Llama-2-7b-hf --adapter org/lora --out safe\n"
+    "    safelora patch --base meta-llama/Llama-2-7b-hf --adapter org/lora --out safe\n\n"
+    "    safelora patch --subspace org/llama-2-7b-subspace --adapter ./lora --out safe\n"
 )
 
 
 @app.command(help=_PATCH_HELP, cls=_Command)
 def patch(
-    base: BaseOpt,
     adapter: AdapterOpt,
     out: Annotated[Path, option("--out", metavar="DIR", help="Directory to create for the patched adapter; with "
                               "several --adapter, each goes to DIR/NAME, NAME being the adapter's directory name.")],
+    base: BaseOpt = None,
     aligned: AlignedOpt = None,
+    subspace: SubspaceOpt = None,
+    subspace_revision: SubspaceRevisionOpt = None,
     base_revision: BaseRevisionOpt = None,
     aligned_revision: AlignedRevisionOpt = None,
     adapter_revision: AdapterRevisionOpt = None,
@@ -208,7 +201,8 @@ def patch(
 
         with console.layer_progress(enabled=not quiet) as advance:
             result = api.patch(
-                base=base, adapter=adapter, out=out, aligned=aligned, threshold=threshold, top_k=top_k,
+                base=base, adapter=adapter, out=out, aligned=aligned, subspace=subspace,
+                subspace_revision=subspace_revision, threshold=threshold, top_k=top_k,
                 projection=projection, rank=rank, energy=energy, svd=svd, device=device, key_map=key_map,
                 adapter_name=adapter_name, base_revision=base_revision, aligned_revision=aligned_revision,
                 adapter_revision=adapter_revision, token=token, force=force, report_md=report_md, plot=plot,
@@ -240,9 +234,11 @@ _INSPECT_HELP = (
 
 @app.command(help=_INSPECT_HELP, cls=_Command)
 def inspect(
-    base: BaseOpt,
     adapter: AdapterOpt,
+    base: BaseOpt = None,
     aligned: AlignedOpt = None,
+    subspace: SubspaceOpt = None,
+    subspace_revision: SubspaceRevisionOpt = None,
     base_revision: BaseRevisionOpt = None,
     aligned_revision: AlignedRevisionOpt = None,
     adapter_revision: AdapterRevisionOpt = None,
@@ -275,7 +271,8 @@ def inspect(
         fmt = OutputFormat.JSON if json_out else output_format
         with console.layer_progress(enabled=not quiet) as advance:
             result = api.inspect(
-                base=base, adapter=adapter, aligned=aligned, threshold=threshold, top_k=top_k,
+                base=base, adapter=adapter, aligned=aligned, subspace=subspace,
+                subspace_revision=subspace_revision, threshold=threshold, top_k=top_k,
                 projection=projection, rank=rank, energy=energy, svd=svd, device=device, key_map=key_map,
                 adapter_name=adapter_name, base_revision=base_revision, aligned_revision=aligned_revision,
                 adapter_revision=adapter_revision, token=token, report_md=report_md, plot=plot,
@@ -304,8 +301,10 @@ def demo(
 
 
 from safelora_cli.eval_cli import eval_command  # noqa: E402
+from safelora_cli.subspace_cli import subspace_command  # noqa: E402
 
 app.command("eval", cls=_Command)(eval_command)
+app.command("subspace", cls=_Command)(subspace_command)
 
 
 def main() -> None:

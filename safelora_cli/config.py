@@ -90,9 +90,10 @@ class ProjectionSettings:
 
 @dataclass(frozen=True)
 class Inputs:
-    """What to read: the two models, one or more adapters of them, and how to find their files."""
+    """What to read: the two models (or a subspace file in their place), one or more adapters of
+    them, and how to find their files."""
 
-    base: str
+    base: str | None
     adapters: tuple[str, ...]
     aligned: str | None = None  # None: the model named by the adapters' configs
     base_revision: str | None = None
@@ -103,12 +104,24 @@ class Inputs:
     # `REGEX=REPLACEMENT` rules applied to adapter module names before checkpoint lookup.
     key_map: tuple[str, ...] = ()
     token: str | None = field(default=None, repr=False)
+    # A file written by `safelora subspace`, read instead of base and aligned.
+    subspace: str | None = None
+    subspace_revision: str | None = None
     key_rules: tuple[KeyRule, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not self.adapters:
-            raise UsageError("Give at least one adapter.")
-        for name, value in (("base", self.base), ("aligned", self.aligned), *(("adapter", a) for a in self.adapters)):
+        if self.subspace is None and self.base is None:
+            raise UsageError("Give the base model (--base), or a subspace file (--subspace) in place of the models.")
+        if self.subspace is not None:
+            given = [f"--{n.replace('_', '-')}" for n in ("base", "aligned", "base_revision", "aligned_revision")
+                     if getattr(self, n) is not None]
+            if given:
+                raise UsageError(f"--subspace replaces the base and aligned models; drop {', '.join(given)}.")
+        elif self.subspace_revision is not None:
+            raise UsageError("--subspace-revision applies to --subspace.")
+        named = (("base", self.base), ("aligned", self.aligned), ("subspace", self.subspace),
+                 *(("adapter", a) for a in self.adapters))
+        for name, value in named:
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise UsageError(f"{name} must be a non-empty path or Hub id, got {value!r}.")
         object.__setattr__(self, "key_rules", parse_key_map(self.key_map))  # parsed once, here

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -113,7 +114,7 @@ def written_by_safelora(directory: Path) -> bool:
         all(os.lstat(p).st_mtime_ns <= written for p in files)
 
 
-def _adapter_dir(target: Target, force: bool) -> Target:
+def _adapter_dir(target: Target, force: bool, replaceable: Callable[[Path], bool] = written_by_safelora) -> Target:
     path = target.path
     cwd = Path.cwd().resolve()
     if path == cwd or path in cwd.parents:
@@ -130,10 +131,12 @@ def _adapter_dir(target: Target, force: bool) -> Target:
         empty = not any(path.iterdir())
     except OSError as exc:
         raise OutputError(f"Cannot list {target}: {exc.strerror}.") from None
-    if not empty and not written_by_safelora(path):
-        raise OutputError(f"{target} exists and is not a patched adapter left as safelora patch wrote it (no "
-                          f"{REPORT_NAME} and weights carrying its provenance, or files added since); --force only "
-                          "replaces an empty directory or such an adapter.",
+    if not empty and not replaceable(path):
+        what = ("a patched adapter left as safelora patch wrote it (no "
+                f"{REPORT_NAME} and weights carrying its provenance, or files added since)"
+                if replaceable is written_by_safelora else "a subspace file as safelora subspace wrote it")
+        raise OutputError(f"{target} exists and is not {what}; --force only replaces an empty directory or such "
+                          f"{'an adapter' if replaceable is written_by_safelora else 'a file'}.",
                           hint="Choose a new directory, or remove it yourself if it is really disposable.")
     _check_parent(path, str(target))
     info = os.stat(path)
@@ -216,7 +219,8 @@ def protected(inputs: dict[str, Path]) -> dict[str, Path]:
 
 
 def plan_outputs(out: Path | None, force: bool, report_md: Path | None, plot: Path | None,
-                 adapters: list[str], inputs: dict[str, Path]) -> OutputPlan:
+                 adapters: list[str], inputs: dict[str, Path],
+                 replaceable: Callable[[Path], bool] = written_by_safelora) -> OutputPlan:
     """Check and name every path the run writes.
 
     Args:
@@ -226,6 +230,7 @@ def plan_outputs(out: Path | None, force: bool, report_md: Path | None, plot: Pa
         report_md, plot: the optional side files; with several adapters, one plot each.
         adapters: the adapter specs, for the subdirectory names.
         inputs: what must never be written: a description → a resolved directory (see `protected`).
+        replaceable: which existing non-empty `out` directory --force may replace.
 
     Raises:
         OutputError, UsageError: naming the path and what to do instead.
@@ -246,5 +251,5 @@ def plan_outputs(out: Path | None, force: bool, report_md: Path | None, plot: Pa
     found = [_resolved(path, label, i < len(dirs)) for i, (path, label) in enumerate((*dirs, *sides))]
     _check_against(found, inputs)
     md = [_side_file(t) for t in found[len(dirs):] if t.label == "--report-md"]
-    return OutputPlan([_adapter_dir(t, force) for t in found[:len(dirs)]], md[0] if md else None,
+    return OutputPlan([_adapter_dir(t, force, replaceable) for t in found[:len(dirs)]], md[0] if md else None,
                       [_side_file(t) for t in found[len(dirs):] if t.label == "--plot"])

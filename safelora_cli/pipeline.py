@@ -31,7 +31,7 @@ from safelora_cli.writer import CopyPlan, plan_copy, provenance, write_patched_a
 Warn = Callable[[str], None]
 
 
-def _aligned_spec(inputs: Inputs, adapters: list[tuple[Origin, Adapter]]) -> tuple[str, str | None]:
+def aligned_spec(inputs: Inputs, adapters: list[tuple[Origin, Adapter]]) -> tuple[str, str | None]:
     """`aligned`, or else the model the adapters' configs name (all of them the same one)."""
     if inputs.aligned is not None:
         return inputs.aligned, inputs.aligned_revision
@@ -43,15 +43,18 @@ def _aligned_spec(inputs: Inputs, adapters: list[tuple[Origin, Adapter]]) -> tup
     return named.pop()
 
 
-def _local_inputs(inputs: Inputs, aligned: tuple[str, str | None],
+def local_inputs(inputs: Inputs, aligned: tuple[str, str | None] | None,
                   adapters: list[tuple[Origin, Adapter]]) -> dict[str, Path]:
     """Every directory a run reads, resolved: what no output may touch. A model from the Hub is
     read from its cache, which counts as a whole."""
     found: dict[str, Path] = {}
-    for label, spec, revision in (("base", inputs.base, inputs.base_revision), ("aligned", *aligned)):
+    models = [("base", inputs.base, inputs.base_revision), ("aligned", *aligned)] if aligned is not None else \
+        [("subspace", inputs.subspace, inputs.subspace_revision)]
+    for label, spec, revision in models:
+        assert spec is not None
         path = parse_spec(spec, revision, label).path  # also refuses a malformed spec before any work
         if path is not None:
-            found[f"{label} model"] = path
+            found[f"{label} model" if label != "subspace" else "subspace file"] = path
     for i, (origin, adapter) in enumerate(adapters):
         label = "adapter" if len(adapters) == 1 else f"adapter {origin.spec}"
         found[label if label not in found else f"{label} ({i + 1})"] = adapter.root or adapter.path
@@ -88,17 +91,22 @@ def _settings(inputs: Inputs, method: Method) -> dict[str, object]:
     return record
 
 
-def _link_roots(origin: Origin) -> tuple[Path, ...]:
+def link_roots(origin: Origin) -> tuple[Path, ...]:
     # A Hub snapshot's files are links into the repository's blob store, two levels up.
     return (origin.path.parent.parent / "blobs",) if origin.repo_id is not None else ()
 
 
 @dataclass(frozen=True)
-class _Models:
+class Models:
     base: Checkpoint
     aligned: Checkpoint
     base_origin: Origin
     aligned_origin: Origin
+
+    def records(self) -> dict[str, dict[str, object]]:
+        """The report's entries for the two models."""
+        return {"base": _entry(self.base_origin, self.base.root), "aligned": _entry(self.aligned_origin,
+                                                                                    self.aligned.root)}
 
 
 class _Notes(list[str]):
@@ -118,23 +126,35 @@ def run(command: str, inputs: Inputs, method: Method, outputs: Outputs, policy: 
         on_layer: OnLayer | None = None, warn: Warn | None = None) -> Result:
     """Analyse the adapters of `inputs`; for `patch`, write each to its output. See the module docstring."""
     notes = _Notes(warn)
+    if not inputs.adapters:
+        raise UsageError("Give at least one adapter.")
     device = resolve_device(method.device)  # before any download: a wrong device fails at once
     origins = [resolve_adapter(spec, inputs.adapter_revision, inputs.token) for spec in inputs.adapters]
     adapters = [(o, load_adapter(o.path, inputs.adapter_name)) for o in origins]
-    aligned_spec = _aligned_spec(inputs, adapters)
+    aligned_name = aligned_spec(inputs, adapters) if inputs.subspace is None else None
     plan = plan_outputs(outputs.out if command == "patch" else None, outputs.force, outputs.report_md, outputs.plot,
-                        list(inputs.adapters), _local_inputs(inputs, aligned_spec, adapters))
+                        list(inputs.adapters), local_inputs(inputs, aligned_name, adapters))
     if outputs.plot is not None:
         from safelora_cli.plot import require_matplotlib
 
         require_matplotlib()
-    copies = [plan_copy(a, _link_roots(o)) if command == "patch" else None for o, a in adapters]
-    models = _resolve_models(inputs, aligned_spec, adapters)
-    jobs = [Job(a, pair_layers(a, models.base, models.aligned, inputs.key_rules)) for _, a in adapters]
-    _warn_top_k(method, jobs, notes)
-    analyses = analyze(jobs, models.base, models.aligned, method, device, on_layer)
+    copies = [plan_copy(a, link_roots(o)) if command == "patch" else None for o, a in adapters]
+    if aligned_name is not None:
+        models = _resolve_models(inputs, aligned_name, adapters)
+        jobs = [Job(a, pair_layers(a, models.base, models.aligned, inputs.key_rules)) for _, a in adapters]
+        _warn_top_k(method, jobs, notes)
+        analyses = analyze(jobs, models.base, models.aligned, method, device, on_layer)
+        records = models.records()
+    else:
+        from safelora_cli.subspace_analysis import analyze_subspace
+        from safelora_cli.subspace_source import resolve_subspace
+
+        subspace, records = resolve_subspace(inputs, adapters, notes.add)
+        jobs = [Job(a, pair_layers(a, subspace.checkpoint, subspace.checkpoint, inputs.key_rules)) for _, a in adapters]
+        _warn_top_k(method, jobs, notes)
+        analyses = analyze_subspace(jobs, subspace, method, device, on_layer)
     _refuse_nothing_evaluated(analyses)
-    reports = [_report(command, inputs, method, policy, str(device), models, origin, analysis, copy, notes)
+    reports = [_report(command, inputs, method, policy, str(device), records, origin, analysis, copy, notes)
                for (origin, _), analysis, copy in zip(adapters, analyses, copies, strict=True)]
     side_files = _render_side_files(plan, reports)  # before writing anything: a failure leaves nothing
     written: list[Path] = []
@@ -145,16 +165,23 @@ def run(command: str, inputs: Inputs, method: Method, outputs: Outputs, policy: 
     return Result(command, reports, [t.path for t in plan.adapter_dirs], list(notes))
 
 
-def _resolve_models(inputs: Inputs, aligned: tuple[str, str | None], adapters: list[tuple[Origin, Adapter]]) -> _Models:
+def _resolve_models(inputs: Inputs, aligned: tuple[str, str | None], adapters: list[tuple[Origin, Adapter]]) -> Models:
     """Index both models for the tensors the adapters may use (from the Hub: download only those)."""
     def needed(listed: Collection[str]) -> set[str]:
         return set().union(*(needed_weight_keys(a, inputs.key_rules, listed) for _, a in adapters))
 
+    return resolve_models(inputs, aligned, needed)
+
+
+def resolve_models(inputs: Inputs, aligned: tuple[str, str | None],
+                   needed: Callable[[Collection[str]], Collection[str]]) -> Models:
+    """Index base and aligned for the tensors `needed` picks from an index; refuse one model twice."""
+    assert inputs.base is not None
     base, base_origin = resolve_model(inputs.base, inputs.base_revision, inputs.token, "base", needed)
     model, origin = resolve_model(aligned[0], aligned[1], inputs.token, "aligned", needed)
     origin = replace(origin, from_adapter_config=inputs.aligned is None)
     _refuse_same_model(base_origin, origin)
-    return _Models(base, model, base_origin, origin)
+    return Models(base, model, base_origin, origin)
 
 
 def _warn_top_k(method: Method, jobs: list[Job], notes: _Notes) -> None:
@@ -165,7 +192,8 @@ def _warn_top_k(method: Method, jobs: list[Job], notes: _Notes) -> None:
                   "cosine is selected.")
 
 
-def _report(command: str, inputs: Inputs, method: Method, policy: gates.Gates, device: str, models: _Models,
+def _report(command: str, inputs: Inputs, method: Method, policy: gates.Gates, device: str,
+            models: dict[str, dict[str, object]],
             origin: Origin, analysis: Analysis, copy: CopyPlan | None, notes: _Notes) -> Report:
     """The gates' verdicts and the report of one adapter, built once."""
     layers = analysis.layers
@@ -179,9 +207,7 @@ def _report(command: str, inputs: Inputs, method: Method, policy: gates.Gates, d
                   f"({', '.join(others)}) are copied as they are.")
     for item in skipped:
         notes.add(f"{origin.spec}: {item['path']} was not copied to the output: it is {item['reason']}.")
-    records = {"base": _entry(models.base_origin, models.base.root),
-               "aligned": _entry(models.aligned_origin, models.aligned.root),
-               "adapter": _entry(origin, adapter.path)}
+    records = {**models, "adapter": _entry(origin, adapter.path)}
     return build_report(command, analysis, records, _settings(inputs, method), device, verdicts, skipped)
 
 

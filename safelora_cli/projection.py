@@ -45,6 +45,8 @@ class LayerMath:
         alignment_cosine: ⟨ΔW, V⟩_F / (‖ΔW‖_F ‖V‖_F), signed (unscaled ΔW: the caller applies the
             sign of the LoRA scaling); None when undefined. Negative: the update moves the layer
             back toward the base model, which the paper's cosine cannot see (C is PSD).
+        cosine_upper: with a low-rank C_k, the largest value the cosine with the full C can take
+            (`cosine` is then the cosine with C_k, a proven lower end); None otherwise.
     """
 
     cosine: float | None
@@ -57,6 +59,7 @@ class LayerMath:
     subspace_rank: int | None = None
     projected_norm: float = 0.0
     alignment_cosine: float | None = None
+    cosine_upper: float | None = None
 
 
 def subspace_basis(v: torch.Tensor, settings: ProjectionSettings) -> torch.Tensor:
@@ -86,7 +89,7 @@ def subspace_basis(v: torch.Tensor, settings: ProjectionSettings) -> torch.Tenso
     return u[:, :k]
 
 
-def _gram_inner(x: torch.Tensor, y: torch.Tensor, gram: torch.Tensor) -> float:
+def gram_inner(x: torch.Tensor, y: torch.Tensor, gram: torch.Tensor) -> float:
     """⟨X·A, Y·A⟩_F from X, Y (out, r) and G = A·Aᵀ, in float64."""
     return float(((x.T @ y) * gram).sum())
 
@@ -131,7 +134,7 @@ def layer_math(
     a64 = lora_a.to(device=device, dtype=torch.float64)
     gram = a64 @ a64.T
     b64 = lora_b.to(device=device, dtype=torch.float64)
-    dw_sq = _gram_inner(b64, b64, gram)
+    dw_sq = gram_inner(b64, b64, gram)
     delta_norm = math.sqrt(max(dw_sq, 0.0))
     if cb is None:
         return LayerMath(None, UNDEFINED_V_ZERO, 0.0, delta_norm, 0.0, None, None)
@@ -144,9 +147,9 @@ def layer_math(
         return LayerMath(None, UNDEFINED_DW_ZERO, v_norm, delta_norm, 0.0, b_distance, None, subspace_rank)
 
     diff = b64 - cb64
-    residual_norm = math.sqrt(max(_gram_inner(diff, diff, gram), 0.0))
-    proj_sq = _gram_inner(cb64, cb64, gram)
-    inner = _gram_inner(cb64, b64, gram)
+    residual_norm = math.sqrt(max(gram_inner(diff, diff, gram), 0.0))
+    proj_sq = gram_inner(cb64, cb64, gram)
+    inner = gram_inner(cb64, b64, gram)
     # CΔW = 0 with ΔW ≠ 0: the update is orthogonal to the aligned subspace, the limit cosine is 0.
     cosine = 0.0 if proj_sq <= 0.0 else inner / math.sqrt(proj_sq * dw_sq)
     cosine = min(1.0, max(-1.0, cosine))

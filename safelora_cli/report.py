@@ -52,6 +52,8 @@ class LayerRecord(TypedDict):
     residual_norm: float
     b_distance: float | None
     subspace_rank: int | None
+    cosine_error_bound: float | None
+    selection_decided: bool | None
 
 
 class Report(TypedDict):
@@ -101,6 +103,9 @@ def _layer_record(result: LayerResult) -> LayerRecord:
         "residual_norm": math_.residual_norm * abs(plan.scaling),
         "b_distance": math_.b_distance,
         "subspace_rank": math_.subspace_rank,
+        "cosine_error_bound": None if math_.cosine_upper is None or math_.cosine is None else
+        math_.cosine_upper - math_.cosine,
+        "selection_decided": result.decided,
     }
 
 
@@ -128,6 +133,8 @@ def _summary(layers: list[LayerResult], records: list[LayerRecord]) -> dict[str,
         "update_retained_max": max(kept) if kept else None,
         "threshold_sweep": [{"threshold": t, "selected": sum(c <= t for c in cosines)} for t in SWEEP],
         "pdst": _pdst(layers),
+        "selection_undecided": None if all(r.decided is None for r in layers) else
+        sum(r.decided is False for r in layers),
     }
 
 

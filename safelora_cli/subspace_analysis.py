@@ -1,0 +1,133 @@
+"""Analyse adapters against a subspace file instead of the two models (`patch --subspace`).
+
+Exact mode stores V itself: it is read a block of rows at a time and goes through the very
+`AlignmentMatrix` arithmetic of a two-model run, so cosines, selection and C·B are the same to
+float rounding of the stored dtype (bit for bit in float32). Low-rank mode stores Q with
+C_k = Q·Qᵀ: C_k·B = Q·(Qᵀ·B), and each layer also gets the proven upper end of the cosine with
+the full C (see `lowrank`), from which the report's `cosine_error_bound` and the layers whose
+selection the bound cannot decide follow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import torch
+
+from safelora_cli.alignment import PairSide, Rows
+from safelora_cli.analysis import (
+    Analysis,
+    Job,
+    LayerResult,
+    OnLayer,
+    _analyze_weight,
+    _check_range,
+    _checked,
+    _finish,
+    check_finite,
+)
+from safelora_cli.checkpoint import Checkpoint, TensorStream
+from safelora_cli.config import Method
+from safelora_cli.errors import InputError
+from safelora_cli.lowrank import cosine_upper, project_low_rank, undecided
+from safelora_cli.prefetch import disk_order
+from safelora_cli.projection import Projected, layer_math
+from safelora_cli.safetensors_io import torch_dtype
+from safelora_cli.selection import could_select
+from safelora_cli.subspace_file import Subspace
+
+# Rows of stored V read at once when the compute block is smaller (the CPU's 4 MB blocks).
+_READ_BYTES = 32 << 20
+
+
+@dataclass
+class StoredRows:
+    """A `RowSource` over V as a subspace file stores it: base rows are None, V comes as the aligned rows."""
+
+    checkpoint: Checkpoint
+    key: str
+    device: torch.device
+    stream: TensorStream
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        rows, cols = self.checkpoint.tensors[self.key].shape
+        return rows, cols
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch_dtype(self.checkpoint.tensors[self.key].dtype)
+
+    def rows(self, block_rows: int) -> Iterator[Rows]:
+        rows, cols = self.shape
+        step = max(block_rows, _READ_BYTES // max(cols * self.dtype.itemsize, 1) // block_rows * block_rows)
+        for start in range(0, rows, step):
+            read = self.stream.read_rows(self.checkpoint, self.key, start, min(rows, start + step)).to(self.device)
+            for offset in range(0, read.shape[0], block_rows):
+                yield slice(start + offset, start + min(read.shape[0], offset + block_rows)), None, \
+                    read[offset:offset + block_rows]
+
+
+def _low_rank_weight(key: str, q: torch.Tensor, subspace: Subspace, jobs: list[Job], method: Method) -> None:
+    """Every adapter's layers on one weight, with C_k = Q·Qᵀ and the bound on the cosine with C."""
+    entry = subspace.entries[key]
+    assert entry.v_norm is not None and entry.dropped is not None
+    for job in jobs:
+        for i, plan in job.plans_for(key):
+            if plan.transposed != entry.transposed:
+                raise InputError(f"The subspace file {subspace.root} holds the factor of {key} for the other "
+                                 f"orientation than {plan.module} of {job.adapter.path} needs.",
+                                 hint="Write the subspace file with --adapter set to this adapter.")
+            lora_a, lora_b = job.adapter.tensors[plan.a_key], job.adapter.tensors[plan.b_key]
+            low = project_low_rank(q, lora_a, lora_b)
+            cb = low.cb if entry.v_norm > 0.0 and q.shape[1] > 0 else None
+            math_ = layer_math(Projected(entry.v_norm, None if cb is None else [cb]), lora_a, lora_b, cb)
+            if math_.cosine is not None:
+                retained = math_.projected_norm / math_.delta_norm
+                upper = cosine_upper(math_.cosine, retained, low.outside_sq, entry.dropped, entry.v_norm)
+                math_ = replace(math_, cosine_upper=upper)
+            math_ = _checked(math_, plan, job.adapter)
+            if math_.projected_b is not None:
+                kept = could_select(math_.cosine, method.selection)
+                math_ = replace(math_, projected_b=math_.projected_b.to("cpu", lora_b.dtype).contiguous()
+                                if kept else None)
+            job.maths[i] = math_
+
+
+def _with_decisions(analysis: Analysis, method: Method) -> Analysis:
+    """Mark the layers whose selection the low-rank bounds cannot decide."""
+    layers = analysis.layers
+    flags = undecided([r.math.cosine for r in layers], [r.math.cosine_upper for r in layers],
+                      [r.selected for r in layers], method.selection.threshold)
+    marked = [replace(r, decided=None if r.math.cosine is None else not flag) for r, flag in zip(layers, flags,
+                                                                                                   strict=True)]
+    return replace(analysis, layers=marked)
+
+
+def analyze_subspace(jobs: list[Job], subspace: Subspace, method: Method, device: torch.device,
+                     on_layer: OnLayer | None = None) -> list[Analysis]:
+    """`analysis.analyze`, with the weights' V (or Q) read from a subspace file."""
+    for job in jobs:
+        for plan in job.plans:
+            factors = {k: job.adapter.tensors[k] for k in (plan.a_key, plan.b_key)}
+            check_finite(factors, f"the adapter {job.adapter.path}")
+            _check_range(factors, plan, job.adapter)
+    checkpoint = subspace.checkpoint
+    keys = disk_order(sorted({p.weight_key for job in jobs for p in job.plans}), checkpoint)
+    with TensorStream() as stream:
+        for done, key in enumerate(keys, start=1):
+            if subspace.exact:
+                source = StoredRows(checkpoint, key, device, stream)
+                _analyze_weight(key, PairSide(source, False), PairSide(source, True), jobs, (checkpoint, checkpoint),
+                                method)
+            else:
+                q = stream.read(checkpoint, key).to(device, torch.float32)
+                _low_rank_weight(key, q, subspace, jobs, method)
+            if on_layer is not None:
+                on_layer(done, len(keys))
+    analyses = [_finish(job, checkpoint, method, device) for job in jobs]
+    return analyses if subspace.exact else [_with_decisions(a, method) for a in analyses]
+
+
+__all__ = ["LayerResult", "StoredRows", "analyze_subspace"]
