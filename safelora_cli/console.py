@@ -22,6 +22,7 @@ from safelora_cli.errors import OutputError
 from safelora_cli.report import (
     Report,
     alignment_line,
+    bound_line,
     fmt,
     pdst_line,
     percent,
@@ -145,6 +146,9 @@ def summary_lines(report: Report) -> list[str]:
         alignment_line(report),
         pdst_line(report),
     ]
+    bound = bound_line(report)
+    if bound is not None:
+        lines.append(bound)
     undefined = [r for r in report["layers"] if r["cosine"] is None]
     if undefined:
         lines.append(f"Undefined: {undefined[0]['module']} — {undefined[0]['undefined_reason']}"

@@ -56,8 +56,9 @@ def factor_of(v: torch.Tensor, rank: int | None, energy: float | None) -> Factor
     v_norm = float(torch.linalg.vector_norm(v, dtype=torch.float64))
     if v_norm == 0.0 or min(v.shape) == 0:
         return Factor(torch.zeros(v.shape[0], 0), v_norm, 1.0, 0.0, 0)
-    u, s, _ = torch.linalg.svd(v.float(), full_matrices=False)
-    s64 = s.double()
+    # float64: the bound's largest dropped eigenvalue and the kept directions must be right to
+    # far below the cosine differences it is used to decide (a float32 SVD is off by ~1e-5 there).
+    u, s64, _ = torch.linalg.svd(v.double(), full_matrices=False)
     numerical = int((s64 > s64[0] * max(v.shape) * torch.finfo(torch.float32).eps).sum())
     weights = s64[:numerical] ** 4
     kept = torch.cumsum(weights, 0) / weights.sum()
@@ -68,7 +69,7 @@ def factor_of(v: torch.Tensor, rank: int | None, energy: float | None) -> Factor
         k = min(numerical, int((kept < energy - 1e-12).sum()) + 1)
     energy_kept = float(kept[k - 1]) if k > 0 else 0.0
     dropped = float(s64[k] ** 2 / v_norm) if k < numerical else 0.0
-    q = (u[:, :k] * (s[:k] / math.sqrt(v_norm))).contiguous()
+    q = (u[:, :k] * (s64[:k] / math.sqrt(v_norm))).float().contiguous()
     return Factor(q, v_norm, min(energy_kept, 1.0), dropped, numerical)
 
 
@@ -86,18 +87,23 @@ class LowRankProjection:
 
 
 def project_low_rank(q: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> LowRankProjection:
-    """C_k·B = Q·(Qᵀ·B), and the share of ΔW = B·A outside the span of Q."""
-    b = lora_b.to(q.device, torch.float32)
-    qtb = q.T @ b  # (k, r)
-    cb = q @ qtb
-    norms = torch.linalg.vector_norm(q, dim=0).double()
+    """C_k·B = Q·(Qᵀ·B), and the share of ΔW = B·A outside the span of Q.
+
+    In float64 (Q and B are thin): the share outside is a difference of nearly equal numbers
+    when ΔW lies almost inside the subspace, and the bound built on it must not round below the truth.
+    """
+    q64 = q.double()
+    b = lora_b.to(q.device, torch.float64)
+    qtb = q64.T @ b  # (k, r)
+    cb = (q64 @ qtb).float()
     a64 = lora_a.to(device=q.device, dtype=torch.float64)
     gram = a64 @ a64.T
-    total = gram_inner(b.double(), b.double(), gram)
-    if total <= 0.0:
-        return LowRankProjection(cb, 0.0)
-    inside = qtb.double() / norms[:, None] if q.shape[1] else qtb.double()
-    kept = float(((inside.T @ inside) * gram).sum()) if q.shape[1] else 0.0
+    total = gram_inner(b, b, gram)
+    if total <= 0.0 or q.shape[1] == 0:
+        return LowRankProjection(cb, 1.0 if total > 0.0 else 0.0)
+    # Q's columns are orthogonal with norms σ_j/√n: U_kᵀ·B divides them out.
+    inside = qtb / torch.linalg.vector_norm(q64, dim=0)[:, None]
+    kept = gram_inner(inside, inside, gram)
     return LowRankProjection(cb, min(1.0, max(0.0, 1.0 - kept / total)))
 
 

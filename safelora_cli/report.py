@@ -249,11 +249,26 @@ def pdst_line(report: Report) -> str:
 
 def alignment_line(report: Report) -> str:
     """How many layers the fine-tune moved back toward the base model: what the cosine cannot see."""
+    if all(r["alignment_cosine"] is None for r in report["layers"]) and "subspace" in report["inputs"]:
+        return "alignment cos = ⟨ΔW, V⟩/(‖ΔW‖‖V‖): not known, a low-rank subspace file holds no V."
     back = [a for r in report["layers"] if (a := r["alignment_cosine"]) is not None and a < 0.0]
     lowest = min(back, default=None)
     where = f", lowest {fmt(lowest)}" if lowest is not None else ""
     return (f"alignment cos = ⟨ΔW, V⟩/(‖ΔW‖‖V‖), signed: {len(back)} of {len(report['layers'])} layers move back "
             f"toward the base model (< 0){where}; the cosine scores ΔW and −ΔW alike.")
+
+
+def bound_line(report: Report) -> str | None:
+    """With a low-rank subspace file: how loose the cosines are, and whether that leaves the selection open."""
+    undecided = report["summary"].get("selection_undecided")
+    bounds = [b for r in report["layers"] if (b := r["cosine_error_bound"]) is not None]
+    if undecided is None or not bounds:
+        return None
+    tail = ("the bounds decide every selection" if not undecided else
+            f"{undecided} of {len(report['layers'])} layers' selection is undecided by them (selection_decided "
+            "false): use an exact subspace file, or a larger --rank, to settle it")
+    return (f"Low-rank subspace: each cosine is a lower end; the full C's may be up to {fmt(max(bounds))} higher "
+            f"(cosine_error_bound); {tail}.")
 
 
 def sweep_text(report: Report) -> str:

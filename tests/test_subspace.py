@@ -1,0 +1,162 @@
+"""`safelora subspace` and `patch/inspect --subspace`: the file stands in for the two models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import Trio
+from helpers import read_adapter, run_cli, trio_args, tree_digest
+from safetensors import safe_open
+
+import safelora_cli
+from safelora_cli.subspace_file import METADATA_KEY
+
+
+def write_subspace(trio: Trio, out: Path, *extra: object) -> dict:  # type: ignore[type-arg]
+    result = run_cli("subspace", "--base", trio.base, "--aligned", trio.aligned, "--adapter", trio.adapter,
+                     "--out", out, "--device", "cpu", "--json", "--quiet", *extra)
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def inspect_report(*args: object) -> dict:  # type: ignore[type-arg]
+    result = run_cli("inspect", *args, "--json", "--device", "cpu", "--quiet")
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_exact_file_gives_the_two_model_run_bit_for_bit(llama_trio: Trio, tmp_path: Path) -> None:
+    document = write_subspace(llama_trio, tmp_path / "sub")
+    assert document["mode"] == "exact" and document["dtype"] == "float32"
+    before = tree_digest(tmp_path / "sub")
+    two = run_cli("patch", *trio_args(llama_trio), "--out", tmp_path / "two", "--device", "cpu", "--quiet")
+    one = run_cli("patch", "--subspace", tmp_path / "sub", "--adapter", llama_trio.adapter, "--out", tmp_path / "one",
+                  "--device", "cpu", "--quiet")
+    assert two.exit_code == one.exit_code == 0, one.stderr
+    reports = [json.loads((tmp_path / name / "safelora_report.json").read_text()) for name in ("two", "one")]
+    fields = ("cosine", "selected", "alignment_cosine", "update_retained", "v_norm", "b_distance")
+    assert [[layer[f] for f in fields] for layer in reports[0]["layers"]] == \
+        [[layer[f] for f in fields] for layer in reports[1]["layers"]]
+    assert sum(layer["selected"] for layer in reports[1]["layers"]) > 0
+    tensors = [read_adapter(tmp_path / name)[0] for name in ("two", "one")]
+    assert tensors[0].keys() == tensors[1].keys()
+    assert all(torch.equal(tensors[0][k], tensors[1][k]) for k in tensors[0])
+    # The report says what was read, and where the models the file stands for came from.
+    inputs = reports[1]["inputs"]
+    assert inputs["subspace"]["path"] == str(tmp_path / "sub")
+    assert inputs["aligned"]["via_subspace"] is True and inputs["aligned"]["path"] == str(llama_trio.aligned)
+    assert tree_digest(tmp_path / "sub") == before
+
+
+def test_exact_file_holds_v_itself(llama_trio: Trio, tmp_path: Path) -> None:
+    write_subspace(llama_trio, tmp_path / "sub")
+    key = "model.layers.1.self_attn.q_proj.weight"
+    with safe_open(str(tmp_path / "sub" / "model.safetensors"), framework="pt") as f:
+        stored = f.get_tensor(key)
+        record = json.loads(f.metadata()[METADATA_KEY])
+    with safe_open(str(llama_trio.base / "model.safetensors"), framework="pt") as b, \
+            safe_open(str(llama_trio.aligned / "model.safetensors"), framework="pt") as a:
+        v = a.get_tensor(key).float() - b.get_tensor(key).float()
+    assert stored.dtype == torch.float32 and torch.equal(stored, v)
+    assert record["inputs"]["base"]["path"] == str(llama_trio.base) and record["modules"] == ["q_proj", "v_proj"]
+    assert record["tool"]["name"] == "safelora-cli"
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_v_changes_cosines_only_slightly(llama_trio: Trio, tmp_path: Path, dtype: str) -> None:
+    write_subspace(llama_trio, tmp_path / "sub", "--dtype", dtype)
+    exact = inspect_report(*trio_args(llama_trio))
+    half = inspect_report("--subspace", tmp_path / "sub", "--adapter", llama_trio.adapter)
+    errors = [abs(a["cosine"] - b["cosine"]) for a, b in zip(exact["layers"], half["layers"], strict=True)]
+    assert max(errors) < 5e-3
+    size = (tmp_path / "sub" / "model.safetensors").stat().st_size
+    write_subspace(llama_trio, tmp_path / "full")
+    assert size < 0.55 * (tmp_path / "full" / "model.safetensors").stat().st_size
+
+
+def test_low_rank_bounds_contain_the_two_model_cosine(llama_trio: Trio, tmp_path: Path) -> None:
+    exact = inspect_report(*trio_args(llama_trio))
+    for rank in (1, 2, 3, 8):
+        document = write_subspace(llama_trio, tmp_path / f"r{rank}", "--rank", rank)
+        assert {entry["rank"] for entry in document["entries"].values()} == {rank}
+        low = inspect_report("--subspace", tmp_path / f"r{rank}", "--adapter", llama_trio.adapter, "--threshold", 0.6)
+        exact_sel = inspect_report(*trio_args(llama_trio), "--threshold", 0.6)
+        for true, approx, chosen in zip(exact["layers"], low["layers"], exact_sel["layers"], strict=True):
+            bound = approx["cosine_error_bound"]
+            assert bound is not None and bound >= 0
+            assert approx["cosine"] - 1e-5 <= true["cosine"] <= approx["cosine"] + bound + 1e-5
+            assert approx["alignment_cosine"] is None  # needs V, which the factor does not hold
+            if approx["selected"] != chosen["selected"]:
+                assert approx["selection_decided"] is False
+        assert low["summary"]["selection_undecided"] == sum(not r["selection_decided"] for r in low["layers"])
+
+
+def test_low_rank_at_full_rank_has_no_error(demo_trio: Trio, tmp_path: Path) -> None:
+    write_subspace(demo_trio, tmp_path / "full", "--rank", 10_000)
+    exact = inspect_report(*trio_args(demo_trio))
+    low = inspect_report("--subspace", tmp_path / "full", "--adapter", demo_trio.adapter)
+    for true, approx in zip(exact["layers"], low["layers"], strict=True):
+        assert approx["cosine"] == pytest.approx(true["cosine"], abs=1e-5)
+        assert approx["cosine_error_bound"] == pytest.approx(0.0, abs=1e-6)
+        assert approx["selection_decided"] is True and approx["selected"] == true["selected"]
+
+
+def test_energy_mode_and_the_modules_option(llama_trio: Trio, tmp_path: Path) -> None:
+    result = run_cli("subspace", "--base", llama_trio.base, "--aligned", llama_trio.aligned, "--modules",
+                     "q_proj,o_proj", "--energy", 0.9, "--out", tmp_path / "s", "--device", "cpu", "--json", "-q")
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert {k.rsplit(".", 2)[-2] for k in document["entries"]} == {"q_proj", "o_proj"}
+    assert all(entry["energy_kept"] >= 0.9 - 1e-9 for entry in document["entries"].values())
+    # The adapter also adapts v_proj, which this file does not cover: one line, nothing written.
+    missing = run_cli("patch", "--subspace", tmp_path / "s", "--adapter", llama_trio.adapter, "--out",
+                      tmp_path / "o", "--device", "cpu")
+    assert missing.exit_code == 1 and "holds no weight for 3 module(s)" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_the_api_writes_the_same_file_as_the_cli(llama_trio: Trio, tmp_path: Path) -> None:
+    result = safelora_cli.subspace(base=llama_trio.base, aligned=llama_trio.aligned, adapter=llama_trio.adapter,
+                                   out=tmp_path / "api", rank=2, device="cpu")
+    write_subspace(llama_trio, tmp_path / "cli", "--rank", 2)
+    assert result.out == tmp_path / "api" and result.nbytes == (tmp_path / "api" / "model.safetensors").stat().st_size
+    assert (tmp_path / "api" / "model.safetensors").read_bytes() == (tmp_path / "cli" / "model.safetensors").read_bytes()
+    report = safelora_cli.inspect(subspace=tmp_path / "api", adapter=llama_trio.adapter, device="cpu").report
+    assert report["inputs"]["subspace"]["source"] == str(tmp_path / "api")
+
+
+def test_force_replaces_a_subspace_file_but_nothing_else(llama_trio: Trio, tmp_path: Path) -> None:
+    write_subspace(llama_trio, tmp_path / "s")
+    write_subspace(llama_trio, tmp_path / "s", "--force", "--rank", 2)
+    (tmp_path / "s" / "notes.txt").write_text("mine")
+    again = run_cli("subspace", *trio_args(llama_trio), "--out", tmp_path / "s", "--force", "--device", "cpu")
+    assert again.exit_code == 1 and "not a subspace file" in again.stderr
+    assert (tmp_path / "s" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--base", "B", "--subspace", "S"], "--subspace replaces the base and aligned models"),
+    (["--subspace", "S", "--aligned", "A"], "drop --aligned"),
+    ([], "Give the base model (--base), or a subspace file"),
+])
+def test_subspace_and_models_are_exclusive(llama_trio: Trio, tmp_path: Path, args: list[str], message: str) -> None:
+    result = run_cli("inspect", "--adapter", llama_trio.adapter, *args)
+    assert result.exit_code == 2 and message in result.stderr
+
+
+def test_a_model_directory_is_not_a_subspace_file(llama_trio: Trio) -> None:
+    result = run_cli("inspect", "--subspace", llama_trio.aligned, "--adapter", llama_trio.adapter)
+    assert result.exit_code == 1 and "is not a safelora subspace file" in result.stderr
+
+
+def test_a_dora_adapter_cannot_use_a_subspace_file(llama_trio: Trio, tmp_path: Path) -> None:
+    from conftest import save_llama_pair, save_peft_adapter
+
+    model = save_llama_pair(tmp_path, torch.float32, shard=None, seed=11)
+    save_peft_adapter(model, tmp_path / "dora", use_dora=True)
+    write_subspace(Trio(tmp_path / "base", tmp_path / "aligned", tmp_path / "dora"), tmp_path / "s")
+    result = run_cli("inspect", "--subspace", tmp_path / "s", "--adapter", tmp_path / "dora")
+    assert result.exit_code == 1 and "DoRA" in result.stderr
