@@ -160,7 +160,7 @@ _PATCH_HELP = (
     "    safelora patch --base ./base --adapter ./lora --out ./safe --top-k 10\n\n"
     "    safelora patch --base ./base --adapter ./lora --out safe --max-selected 20%\n\n"
     "    safelora patch --base meta-llama/Llama-2-7b-hf --adapter org/lora --out safe\n\n"
-    "    safelora patch --subspace org/llama-2-7b-subspace --adapter ./lora --out safe\n"
+    "    safelora patch --subspace org/subspace --adapter ./lora --out safe\n"
 )
 
 

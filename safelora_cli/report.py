@@ -261,7 +261,7 @@ def alignment_line(report: Report) -> str:
 def bound_line(report: Report) -> str | None:
     """With a low-rank subspace file: how loose the cosines are, and whether that leaves the selection open."""
     undecided = report["summary"].get("selection_undecided")
-    bounds = [b for r in report["layers"] if (b := r["cosine_error_bound"]) is not None]
+    bounds = [b for r in report["layers"] if (b := r.get("cosine_error_bound")) is not None]
     if undecided is None or not bounds:
         return None
     tail = ("the bounds decide every selection" if not undecided else

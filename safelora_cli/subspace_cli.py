@@ -71,11 +71,13 @@ def subspace_command(
 
     Examples:
 
-        safelora subspace --base ./base --aligned ./chat --adapter ./lora --out ./subspace
+        safelora subspace --base base --aligned chat --adapter lora --out sub
 
-        safelora subspace --base ./base --aligned ./chat --modules q_proj,v_proj --rank 64 --out ./s64
+        safelora subspace --base base --aligned chat --modules q_proj,v_proj --out s
 
-        safelora patch --subspace ./subspace --adapter ./lora --out ./safe
+        safelora subspace --base b --aligned c --adapter lora --rank 64 --out s64
+
+        safelora patch --subspace sub --adapter lora --out safe
     """
     with user_errors():
         from safelora_cli import api
