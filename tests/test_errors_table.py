@@ -21,12 +21,14 @@ from safetensors.torch import load_file, save_file
 from test_bad_inputs import copy_trio, edit_tensors, set_adapter_config
 
 from safelora_cli import outputs, placement, writer
+from safelora_cli.subspace_file import METADATA_KEY
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 # Rows handled by other test modules (named in the table) rather than here.
 ELSEWHERE = {"pickle-code", "out-changed", "patched-b-overflow", "factors-too-large", "stdout-unwritable",
              "demo-not-a-directory", "eval-no-prompts-file", "eval-bad-json-line", "eval-bad-expect",
-             "eval-empty-prompts", "eval-bad-marker", "eval-gate-unmeasurable", "eval-missing-extra"}
+             "eval-empty-prompts", "eval-bad-marker", "eval-gate-unmeasurable", "eval-missing-extra",
+             "subspace-dora"}
 Q0 = "model.layers.0.self_attn.q_proj"
 A_KEY, B_KEY = f"base_model.model.{Q0}.lora_A.weight", f"base_model.model.{Q0}.lora_B.weight"
 
@@ -299,7 +301,60 @@ SCENARIOS: dict[str, Callable[[Ctx], list[object]]] = {
     "missing-option": lambda c: ["patch", "--base", c.trio.base],
     "unknown-device": lambda c: c.inspect("--device", "tpu"),
     "demo-dir-not-empty": lambda c: ["demo", c.trio.base],
+    # --- subspace files
+    "subspace-with-models": lambda c: ["inspect", "--subspace", c.trio.base, "--base", c.trio.base, "--adapter",
+                                       c.trio.adapter],
+    "no-base-no-subspace": lambda c: ["inspect", "--adapter", c.trio.adapter],
+    "subspace-not-ours": lambda c: ["inspect", "--subspace", c.trio.aligned, "--adapter", c.trio.adapter],
+    "subspace-missing-modules": lambda c: ["inspect", "--subspace", _subspace(c, "--modules", "q_proj"),
+                                           "--adapter", c.trio.adapter],
+    "subspace-newer-format": lambda c: ["inspect", "--subspace", _edited_subspace(c, lambda d: d.update(version=99)),
+                                        "--adapter", c.trio.adapter],
+    "subspace-records-disagree": lambda c: ["inspect", "--subspace", _edited_subspace(
+        c, lambda d: d["entries"][f"{Q0}.weight"].update(shape=[3, 3])), "--adapter", c.trio.adapter],
+    "subspace-adapter-and-modules": lambda c: _subspace_args(c, "--modules", "q_proj"),
+    "subspace-rank-and-energy": lambda c: _subspace_args(c, "--rank", "2", "--energy", "0.5"),
+    "subspace-bad-rank": lambda c: _subspace_args(c, "--rank", "0"),
+    "subspace-bad-energy": lambda c: _subspace_args(c, "--energy", "1.5"),
+    "subspace-bad-dtype": lambda c: _subspace_args(c, "--dtype", "int8"),
+    "subspace-dtype-low-rank": lambda c: _subspace_args(c, "--rank", "2", "--dtype", "bfloat16"),
+    "subspace-modules-unknown": lambda c: ["subspace", "--base", c.trio.base, "--aligned", c.trio.aligned,
+                                           "--modules", "nope", "--out", c.out],
+    "subspace-modules-no-aligned": lambda c: ["subspace", "--base", c.trio.base, "--modules", "q_proj", "--out", c.out],
+    "subspace-out-not-ours": lambda c: c.out.mkdir() or _write(c.out / "notes.txt", "mine") or _subspace_args(
+        c, "--force"),
+    "subspace-fp16-overflow": lambda c: edit_tensors(c.trio.aligned / "model.safetensors",
+                                                     _set(f"{Q0}.weight", lambda w: w.index_fill(0, torch.tensor([0]),
+                                                                                                 1e6)))
+    or _subspace_args(c, "--dtype", "float16"),
 }
+
+
+def _subspace_args(c: Ctx, *extra: object) -> list[object]:
+    return ["subspace", "--base", c.trio.base, "--aligned", c.trio.aligned, "--adapter", c.trio.adapter,
+            "--out", c.out, "--device", "cpu", *extra]
+
+
+def _subspace(c: Ctx, *extra: object) -> Path:
+    """A subspace file written among the inputs (so the check that nothing is written still holds)."""
+    where = c.tmp / "in" / "sub"
+    args = ["subspace", "--base", c.trio.base, "--aligned", c.trio.aligned, "--out", where, "--device", "cpu", "-q"]
+    result = run_cli(*args, *(extra or ("--adapter", c.trio.adapter)))
+    assert result.exit_code == 0, result.stderr
+    return where
+
+
+def _edited_subspace(c: Ctx, edit: Callable[[dict], None]) -> Path:  # type: ignore[type-arg]
+    """A subspace file whose header document `edit` changed."""
+    where = _subspace(c)
+
+    def change(header: dict) -> None:  # type: ignore[type-arg]
+        document = json.loads(header["__metadata__"][METADATA_KEY])
+        edit(document)
+        header["__metadata__"][METADATA_KEY] = json.dumps(document)
+
+    _header(where / "model.safetensors", change)
+    return where
 
 
 def doc_rows() -> dict[str, tuple[str, int]]:

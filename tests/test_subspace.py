@@ -159,4 +159,5 @@ def test_a_dora_adapter_cannot_use_a_subspace_file(llama_trio: Trio, tmp_path: P
     save_peft_adapter(model, tmp_path / "dora", use_dora=True)
     write_subspace(Trio(tmp_path / "base", tmp_path / "aligned", tmp_path / "dora"), tmp_path / "s")
     result = run_cli("inspect", "--subspace", tmp_path / "s", "--adapter", tmp_path / "dora")
-    assert result.exit_code == 1 and "DoRA" in result.stderr
+    assert result.exit_code == 1 and "is a DoRA adapter; its magnitude vectors are recomputed from W_aligned" in \
+        result.stderr and len(result.stderr.splitlines()) == 1
