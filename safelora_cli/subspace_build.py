@@ -20,10 +20,11 @@ from safelora_cli import __version__
 from safelora_cli.adapter import load_adapter
 from safelora_cli.alignment import AlignmentMatrix
 from safelora_cli.analysis import resolve_device
-from safelora_cli.checkpoint import refuse_quantized
+from safelora_cli.checkpoint import CONFIG_FILE, refuse_quantized
 from safelora_cli.config import Inputs
 from safelora_cli.errors import InputError, PairingError, UsageError
 from safelora_cli.lowrank import Factor, factor_of
+from safelora_cli.naming import ties_embeddings
 from safelora_cli.outputs import plan_outputs
 from safelora_cli.pairing import needed_weight_keys, pair_layers
 from safelora_cli.pipeline import Models, aligned_spec, local_inputs, resolve_models
@@ -232,6 +233,9 @@ def build(request: SubspaceRequest, on_layer: OnLayer | None = None,
             document.update(_write_low_rank(weights, request, models, keys, provenance, factors))
         else:
             document.update(_write_exact(weights, request, models, keys, provenance, on_layer))
+        # Pairing an output layer with a tied input embedding reads this, as it does the model's.
+        config = {"tie_word_embeddings": ties_embeddings(models.aligned.root)}
+        (staging / CONFIG_FILE).write_text(json.dumps(config) + "\n", encoding="utf-8")
         (staging / CARD_FILE).write_text(card_text(document, weights.stat().st_size), encoding="utf-8")
 
     write_directory(target.path, target.existed, target.label, fill)

@@ -128,16 +128,19 @@ class StreamingWriter:
 
 
 def written_by_subspace(directory: Path) -> bool:
-    """Whether `directory` holds what `safelora subspace` writes and nothing else: what --force may replace."""
+    """Whether `directory` holds what `safelora subspace` writes and nothing else, its weights not
+    changed since (the card is written last): what --force may replace."""
     try:
         names = {p.name for p in directory.iterdir()}
         with open(directory / WEIGHTS_FILE, "rb") as file:
             size = int.from_bytes(file.read(8), "little")
             header = json.loads(file.read(size)) if 0 < size < 100_000_000 else {}
+        unchanged = (directory / WEIGHTS_FILE).stat().st_mtime_ns <= (directory / "README.md").stat().st_mtime_ns
     except (OSError, ValueError):
         return False
     metadata = header.get("__metadata__") if isinstance(header, dict) else None
-    return names == {WEIGHTS_FILE, "README.md"} and isinstance(metadata, dict) and METADATA_KEY in metadata
+    return names == {WEIGHTS_FILE, "README.md", "config.json"} and unchanged and isinstance(metadata, dict) and \
+        METADATA_KEY in metadata
 
 
 def _bad(root: Path, why: str) -> InputError:

@@ -161,3 +161,42 @@ def test_a_dora_adapter_cannot_use_a_subspace_file(llama_trio: Trio, tmp_path: P
     result = run_cli("inspect", "--subspace", tmp_path / "s", "--adapter", tmp_path / "dora")
     assert result.exit_code == 1 and "is a DoRA adapter; its magnitude vectors are recomputed from W_aligned" in \
         result.stderr and len(result.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", ["gpt2-conv1d", "embedding", "gemma-tied-lm-head", "phi3-fused"])
+def test_layouts_pair_against_the_file_as_against_the_models(variant_cases, name: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Transposed storage (Conv1D, embeddings), a tied output layer and fused weights: exact equals
+    the two-model run, and a full-rank factor matches it too."""
+    case = variant_cases.case(name)
+    trio = Trio(case.base, case.aligned, case.adapter)
+    two = inspect_report(*trio_args(trio))
+    for mode in ((), ("--rank", 10_000)):
+        out = tmp_path / ("low" if mode else "exact")
+        write_subspace(trio, out, *mode)
+        one = inspect_report("--subspace", out, "--adapter", trio.adapter)
+        for a, b in zip(two["layers"], one["layers"], strict=True):
+            assert a["module"] == b["module"] and a["selected"] == b["selected"]
+            assert (a["cosine"] == b["cosine"]) if not mode else b["cosine"] == pytest.approx(a["cosine"], abs=1e-5)
+
+
+def test_a_factor_made_for_another_orientation_is_refused(variant_cases, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    case = variant_cases.case("gpt2-conv1d")
+    result = run_cli("subspace", "--base", case.base, "--aligned", case.aligned, "--modules", "c_attn,c_proj",
+                     "--rank", 4, "--out", tmp_path / "s", "--device", "cpu", "-q")
+    assert result.exit_code == 0, result.stderr
+    used = run_cli("inspect", "--subspace", tmp_path / "s", "--adapter", case.adapter)
+    assert used.exit_code == 1 and "for the other orientation" in used.stderr
+
+
+def test_outputs_never_land_in_the_inputs(llama_trio: Trio, tmp_path: Path) -> None:
+    before = {name: tree_digest(path) for name, path in (("base", llama_trio.base), ("adapter", llama_trio.adapter))}
+    for out in (llama_trio.base / "s", llama_trio.adapter, llama_trio.base.parent):
+        result = run_cli("subspace", *trio_args(llama_trio), "--out", out, "--force", "--device", "cpu")
+        assert result.exit_code == 1 and "inputs are never modified" in result.stderr or "would delete an input" in \
+            result.stderr, result.stderr
+    write_subspace(llama_trio, tmp_path / "s")
+    inside = run_cli("patch", "--subspace", tmp_path / "s", "--adapter", llama_trio.adapter, "--out",
+                     tmp_path / "s" / "out")
+    assert inside.exit_code == 1 and "subspace file" in inside.stderr
+    assert before == {name: tree_digest(path) for name, path in (("base", llama_trio.base),
+                                                                 ("adapter", llama_trio.adapter))}
