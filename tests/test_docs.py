@@ -98,13 +98,14 @@ def test_api_page_examples_run(demo_trio, tmp_path: Path, monkeypatch: pytest.Mo
         shutil.copytree(getattr(demo_trio, name), demo / name)
     monkeypatch.chdir(tmp_path)
     blocks = re.findall(r"```python\n(.*?)```", (DOCS / "api.md").read_text(), re.DOTALL)
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     for block in blocks:
         exec(compile(block, "docs/api.md", "exec"), {})
     out = capsys.readouterr().out
     assert "4 of 8 layers projected" in out and "gates passed: True" in out
     assert "keeps" in out and "refused: --out demo/adapter/x lies inside the adapter" in out
     assert (demo / "patched-api" / "adapter_model.safetensors").is_file()
+    assert "exact 8 weights," in out and "4 layers selected, as with the two models" in out
 
 
 @pytest.mark.parametrize("width", [80, 120])

@@ -200,3 +200,26 @@ def test_outputs_never_land_in_the_inputs(llama_trio: Trio, tmp_path: Path) -> N
     assert inside.exit_code == 1 and "subspace file" in inside.stderr
     assert before == {name: tree_digest(path) for name, path in (("base", llama_trio.base),
                                                                  ("adapter", llama_trio.adapter))}
+
+
+def test_a_subspace_file_resolves_from_the_hub_like_a_model(llama_trio: Trio, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from hub_server import FakeRepo, HubServer, files_of
+    from test_hub import point_hub_at
+
+    write_subspace(llama_trio, tmp_path / "sub", "--rank", 2)
+    local = inspect_report("--subspace", tmp_path / "sub", "--adapter", llama_trio.adapter)
+    server = HubServer().start()
+    try:
+        server.repos["org/sub"] = FakeRepo()
+        commit = server.repos["org/sub"].add_commit(files_of(tmp_path / "sub"))
+        point_hub_at(monkeypatch, server.url, tmp_path / "cache", offline=False)
+        remote = inspect_report("--subspace", "org/sub", "--adapter", llama_trio.adapter)
+        point_hub_at(monkeypatch, server.url, tmp_path / "cache", offline=True)
+        cached = inspect_report("--subspace", f"org/sub@{commit}", "--adapter", llama_trio.adapter)
+    finally:
+        server.stop()
+    assert [r["cosine"] for r in remote["layers"]] == [r["cosine"] for r in local["layers"]] == \
+        [r["cosine"] for r in cached["layers"]]
+    assert remote["inputs"]["subspace"]["commit"] == commit and remote["inputs"]["subspace"]["source"] == "org/sub"
+    assert remote["inputs"]["aligned"]["path"] == str(llama_trio.aligned)
