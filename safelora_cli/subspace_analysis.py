@@ -28,8 +28,8 @@ from safelora_cli.analysis import (
     check_finite,
 )
 from safelora_cli.checkpoint import Checkpoint, TensorStream
-from safelora_cli.config import Method
-from safelora_cli.errors import InputError
+from safelora_cli.config import Method, Projection
+from safelora_cli.errors import InputError, UsageError
 from safelora_cli.lowrank import cosine_upper, project_low_rank, undecided
 from safelora_cli.prefetch import disk_order
 from safelora_cli.projection import Projected, layer_math
@@ -108,6 +108,9 @@ def _with_decisions(analysis: Analysis, method: Method) -> Analysis:
 def analyze_subspace(jobs: list[Job], subspace: Subspace, method: Method, device: torch.device,
                      on_layer: OnLayer | None = None) -> list[Analysis]:
     """`analysis.analyze`, with the weights' V (or Q) read from a subspace file."""
+    if not subspace.exact and method.projection.kind is Projection.EXACT:
+        raise UsageError(f"projection exact needs V, and the subspace file {subspace.root} holds a low-rank factor.",
+                         hint="Use the paper's projection with it, or an exact subspace file.")
     for job in jobs:
         for plan in job.plans:
             factors = {k: job.adapter.tensors[k] for k in (plan.a_key, plan.b_key)}

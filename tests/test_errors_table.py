@@ -312,6 +312,10 @@ SCENARIOS: dict[str, Callable[[Ctx], list[object]]] = {
                                         "--adapter", c.trio.adapter],
     "subspace-records-disagree": lambda c: ["inspect", "--subspace", _edited_subspace(
         c, lambda d: d["entries"][f"{Q0}.weight"].update(shape=[3, 3])), "--adapter", c.trio.adapter],
+    "subspace-low-rank-exact-projection": lambda c: ["inspect", "--subspace", _subspace(c, "--adapter", c.trio.adapter,
+                                                                                     "--rank", "2"),
+                                                     "--adapter", c.trio.adapter, "--projection", "exact", "--rank",
+                                                     "2"],
     "subspace-adapter-and-modules": lambda c: _subspace_args(c, "--modules", "q_proj"),
     "subspace-rank-and-energy": lambda c: _subspace_args(c, "--rank", "2", "--energy", "0.5"),
     "subspace-bad-rank": lambda c: _subspace_args(c, "--rank", "0"),
