@@ -147,7 +147,7 @@ def subspace(*, base: StrPath, out: StrPath, adapter: StrPath | Sequence[StrPath
              key_map: Sequence[str] | str | None = None, adapter_name: str | None = None,
              base_revision: str | None = None, aligned_revision: str | None = None,
              adapter_revision: str | None = None, token: str | None = None, force: bool = False,
-             on_progress: OnProgress | None = None, on_warning: OnWarning | None = None) -> SubspaceResult:
+             on_progress: OnProgress | None = None) -> SubspaceResult:
     """Write a safety-subspace file: what `patch(subspace=...)` needs in place of base and aligned.
 
     Args:
@@ -172,7 +172,7 @@ def subspace(*, base: StrPath, out: StrPath, adapter: StrPath | Sequence[StrPath
     names = [n.strip() for part in names for n in part.split(",") if n.strip()]
     inputs = _inputs({**args, "adapter": adapter})
     request = SubspaceRequest(inputs, Path(out), tuple(names), rank, energy, dtype, force, device)
-    return build(request, on_layer=on_progress, warn=on_warning)
+    return build(request, on_layer=on_progress)
 
 
 def _run(command: str, args: dict[str, Any]) -> Result:

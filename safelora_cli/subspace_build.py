@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +30,7 @@ from safelora_cli.pairing import needed_weight_keys, pair_layers
 from safelora_cli.pipeline import Models, aligned_spec, local_inputs, resolve_models
 from safelora_cli.placement import write_directory
 from safelora_cli.prefetch import Prefetcher, disk_order
-from safelora_cli.report import text_of_path
-from safelora_cli.sources import Origin, resolve_adapter
+from safelora_cli.sources import resolve_adapter
 from safelora_cli.subspace_file import (
     EXACT,
     LOW_RANK,
@@ -84,12 +83,11 @@ class SubspaceRequest:
 
 @dataclass(frozen=True)
 class SubspaceResult:
-    """What was written: the directory, its header document, and the warnings of the run."""
+    """What was written: the directory, its header document, and the weights file's size."""
 
     out: Path
     document: dict[str, Any]
     nbytes: int
-    warnings: list[str] = field(default_factory=list)
 
 
 def _module_keys(modules: tuple[str, ...]) -> Callable[[Collection[str]], set[str]]:
@@ -122,12 +120,7 @@ def _weights(request: SubspaceRequest, models: Models, adapters: list[Any]) -> d
 
 
 def _provenance(request: SubspaceRequest, models: Models, keys: dict[str, bool]) -> dict[str, Any]:
-    def entry(origin: Origin, root: Path) -> dict[str, Any]:
-        return {"source": text_of_path(origin.spec), "path": text_of_path(root), **origin.record()}
-
-    return {"tool": {"name": "safelora-cli", "version": __version__},
-            "inputs": {"base": entry(models.base_origin, models.base.root),
-                       "aligned": entry(models.aligned_origin, models.aligned.root)},
+    return {"tool": {"name": "safelora-cli", "version": __version__}, "inputs": models.records(),
             "modules": sorted({k.rsplit(".", 2)[-2] for k in keys}),
             "rank_requested": request.rank, "energy_requested": request.energy}
 
@@ -202,8 +195,7 @@ def _write_low_rank(path: Path, request: SubspaceRequest, models: Models, keys: 
     return json.loads(metadata["safelora_subspace"])
 
 
-def build(request: SubspaceRequest, on_layer: OnLayer | None = None,
-          warn: Callable[[str], None] | None = None) -> SubspaceResult:
+def build(request: SubspaceRequest, on_layer: OnLayer | None = None) -> SubspaceResult:
     """Write the subspace file `request` asks for. See the module docstring for the order."""
     from safelora_cli.subspace_card import card_text
     from safelora_cli.subspace_file import written_by_subspace

@@ -88,7 +88,7 @@ def subspace_command(
                 base=base, out=out, adapter=adapter or None, modules=modules, aligned=aligned, rank=rank,
                 energy=energy, dtype=dtype, device=device, key_map=key_map, adapter_name=adapter_name,
                 base_revision=base_revision, aligned_revision=aligned_revision, adapter_revision=adapter_revision,
-                token=token, force=force, on_progress=advance, on_warning=None if quiet else console.warning)
+                token=token, force=force, on_progress=advance)
         if json_out:
             console.emit_json(result.document)
         if not quiet:
