@@ -61,6 +61,7 @@ def whole_files(repo: hub.PinnedRepo, layout: str, needed: Needed, tally: hub.Ta
         weight_map = read_index(first, repo.label)
         wanted = needed(weight_map.keys())
         for shard in shards_for(weight_map, wanted):
+            remote.shard_path(repo, shard)  # a name that would leave the repository is refused first
             hub.download(repo, shard, tally)
     return open_checkpoint(first.parent, repo.label, needed=wanted)
 
@@ -77,6 +78,8 @@ def tensors_of(repo: hub.PinnedRepo, layout: str, needed: Needed, tally: hub.Tal
             if name in weight_map:
                 by_shard.setdefault(weight_map[name], set()).add(name)
         selections = {shard: _chosen(names) for shard, names in by_shard.items()}
+    for shard in selections:
+        remote.shard_path(repo, shard)  # a name that would leave the repository is refused first
     local = {shard: path for shard in selections if (path := hub.cached_path(repo, shard)) is not None}
     fetched = remote.fetch(repo, {s: f for s, f in sorted(selections.items()) if s not in local}, tally)
     if fetched:

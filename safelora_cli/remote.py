@@ -106,8 +106,10 @@ def _remote_header(repo: PinnedRepo, shard: str, tally: Tally) -> Header:
                          "intact safetensors weights.") from None
 
 
-def coalesce(origin: Header, names: Collection[str], gap: int = GAP) -> list[tuple[int, int, list[str]]]:
-    """The data ranges (begin, end, tensors) to fetch for `names`, neighbours within `gap` merged."""
+def coalesce(origin: Header, names: Collection[str], gap: int | None = None) -> list[tuple[int, int, list[str]]]:
+    """The data ranges (begin, end, tensors) to fetch for `names`, neighbours within `gap` (default
+    `GAP`) merged."""
+    gap = GAP if gap is None else gap
     runs: list[tuple[int, int, list[str]]] = []
     for name in sorted(names, key=lambda n: origin.tensors[n].begin):
         entry = origin.tensors[name]

@@ -10,7 +10,7 @@ Files also answer `Range: bytes=a-b`, `bytes=a-` and `bytes=-n` (one range) with
 Content-Range, and an unsatisfiable range with 416, as the Hub and its CDN do (huggingface_hub
 itself sends open-ended ranges to resume downloads). A file is bytes, or a path on disk (a sparse
 file stands in for a large one). `served` counts the body bytes sent per `repo/file`; `fault`
-makes file responses misbehave: "short" (a shorter body, honestly declared), "cut" (the
+makes range responses misbehave: "short" (a shorter body, honestly declared), "cut" (the
 connection closed before the declared length), "ignore-range" (200 with the whole file).
 """
 
@@ -213,10 +213,11 @@ class HubServer:
                 self.send_response(206 if isinstance(wanted, tuple) else 200)
                 for key_, value in headers.items():
                     self.send_header(key_, value)
-                sent_stop = stop - 1 if hub.fault in ("short", "cut") and stop > start else stop
-                declared = sent_stop if hub.fault == "short" else stop
+                fault = hub.fault if isinstance(wanted, tuple) else None  # whole files are served whole
+                sent_stop = stop - 1 if fault in ("short", "cut") and stop > start else stop
+                declared = sent_stop if fault == "short" else stop
                 self.send_header("Content-Length", str(declared - start))
-                if hub.fault == "cut":
+                if fault == "cut":
                     self.send_header("Connection", "close")
                     self.close_connection = True
                 self.end_headers()
