@@ -211,7 +211,7 @@ def protected(inputs: dict[str, Path]) -> dict[str, Path]:
     from them."""
     from huggingface_hub import constants
 
-    from safelora_cli.remote import cache_root
+    from safelora_cli.cache_dir import cache_root
 
     found = {"Hugging Face cache": Path(constants.HF_HUB_CACHE).expanduser().resolve(),
              "safelora cache": cache_root().resolve()}

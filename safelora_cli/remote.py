@@ -18,25 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from safelora_cli import ranges
-from safelora_cli.errors import InputError, expand_user
+from safelora_cli.cache_dir import CACHE_ENV, cache_root
+from safelora_cli.errors import InputError
 from safelora_cli.hub import PinnedRepo, Tally
 from safelora_cli.subset import Header, header_length, parse_header, plan_subset, read_subset
 
-CACHE_ENV = "SAFELORA_CACHE"
 # Ranges closer than this are fetched as one request: fewer round trips for a few wasted bytes
 # (a layer norm between two projections, say).
 GAP = 64 * 1024
 _COPY = 16 << 20
 Select = Callable[[Collection[str]], Collection[str]]
-
-
-def cache_root() -> Path:
-    """Our cache: $SAFELORA_CACHE, else $XDG_CACHE_HOME/safelora, else ~/.cache/safelora."""
-    configured = os.environ.get(CACHE_ENV)
-    if configured:
-        return expand_user(configured)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache") / "safelora"
 
 
 def commit_dir(repo: PinnedRepo) -> Path:

@@ -20,6 +20,7 @@ from test_errors_table import doc_rows, matches
 from test_hub import HUB_ARGS, cosines, inspect_json, point_hub_at
 
 from safelora_cli import remote, sources
+from safelora_cli.cache_dir import cache_root
 from safelora_cli.checkpoint import INDEX_FILE, SINGLE_FILE, read_index
 from safelora_cli.report import REPORT_NAME
 from safelora_cli.subset import Header, header_length, parse_header
@@ -66,7 +67,7 @@ def served_for(hub: HubServer, repo: str, suffix: str = ".safetensors") -> int:
 
 
 def subset_files() -> list[Path]:
-    return sorted(p for p in remote.cache_root().rglob("*.safetensors"))
+    return sorted(p for p in cache_root().rglob("*.safetensors"))
 
 
 def test_an_uncached_hub_patch_equals_the_local_one(hub: HubServer, sharded_trio: Trio, tmp_path: Path) -> None:
@@ -78,7 +79,7 @@ def test_an_uncached_hub_patch_equals_the_local_one(hub: HubServer, sharded_trio
     hub_tensors, local_tensors = read_adapter(remote_out)[0], read_adapter(local_out)[0]
     assert hub_tensors.keys() == local_tensors.keys()
     assert all(torch.equal(hub_tensors[k], local_tensors[k]) for k in hub_tensors)
-    assert subset_files() and all(p.is_relative_to(remote.cache_root() / "hub") for p in subset_files())
+    assert subset_files() and all(p.is_relative_to(cache_root() / "hub") for p in subset_files())
 
 
 def test_only_the_needed_tensors_and_headers_are_served(hub: HubServer, sharded_trio: Trio) -> None:
@@ -94,6 +95,8 @@ def test_only_the_needed_tensors_and_headers_are_served(hub: HubServer, sharded_
         assert served < shard_bytes / 2  # the test models are tiny: far below is "under half"
         small = served_for(hub, f"org/{name}", ".json")
         assert report["inputs"][name]["bytes_downloaded"] == served + small
+    adapter_files = sum(n for key, n in hub.served.items() if key.startswith("org/adapter/"))
+    assert report["inputs"]["adapter"]["bytes_downloaded"] == adapter_files > 0
 
 
 def count_runs(header: Header, names: set[str]) -> int:
@@ -210,7 +213,7 @@ def test_a_misbehaving_server_caches_nothing(fault: str, case: str, hub: HubServ
     result = run_cli("patch", *HUB_ARGS, "--out", tmp_path / "out", "--quiet")
     documented(case, result.stderr, 1, result.exit_code)
     assert not (tmp_path / "out").exists()
-    leftovers = [p for p in remote.cache_root().rglob("*") if p.is_file()] if remote.cache_root().exists() else []
+    leftovers = [p for p in cache_root().rglob("*") if p.is_file()] if cache_root().exists() else []
     assert leftovers == []
     hub.fault = None
     assert cosines(inspect_json(*HUB_ARGS))
@@ -232,7 +235,7 @@ def test_a_damaged_subset_file_is_fetched_again(damage: str, hub: HubServer, sha
 
 def test_out_inside_our_cache_is_refused(hub: HubServer, tmp_path: Path) -> None:
     inspect_json(*HUB_ARGS)
-    inside = remote.cache_root() / "hub" / "patched"
+    inside = cache_root() / "hub" / "patched"
     result = run_cli("patch", *HUB_ARGS, "--out", inside, "--quiet")
     assert result.exit_code == 1 and "lies inside the safelora cache" in result.stderr
     assert not inside.exists()
@@ -245,12 +248,36 @@ def test_whole_files_on_request_and_a_full_hf_cache_is_used_as_is(hub: HubServer
     weight_map = read_index(sharded_trio.base / INDEX_FILE, "base")
     shards = {weight_map[n] for n in needed_names(sharded_trio.adapter)}
     assert served_for(hub, "org/base") == sum((sharded_trio.base / s).stat().st_size for s in shards)
-    assert not remote.cache_root().exists()
+    assert not cache_root().exists()
     monkeypatch.delenv("SAFELORA_HUB_DOWNLOAD")
     hub.log.clear()
     again = inspect_json(*HUB_ARGS)
-    assert hub.file_requests() == [] and not remote.cache_root().exists()
+    assert hub.file_requests() == [] and not cache_root().exists()
     assert cosines(again) == cosines(full)
+
+
+def test_shards_in_the_hf_cache_are_read_there_and_the_others_by_range(
+        hub: HubServer, sharded_trio: Trio, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SAFELORA_HUB_DOWNLOAD", "full")
+    inspect_json(*HUB_ARGS)  # the q/v shards, whole, into the Hugging Face cache
+    monkeypatch.delenv("SAFELORA_HUB_DOWNLOAD")
+    widen_adapter(sharded_trio.adapter, sharded_trio.base, tmp_path / "wide")
+    hub.repos["org/wide"] = FakeRepo()
+    hub.repos["org/wide"].add_commit(files_of(tmp_path / "wide"))
+    hub.served.clear()
+    hub.log.clear()
+    wide = inspect_json("--base", "org/base", "--aligned", "org/aligned", "--adapter", "org/wide")
+    weight_map = read_index(sharded_trio.base / INDEX_FILE, "base")
+    whole = {weight_map[n] for n in needed_names(sharded_trio.adapter)}
+    more = needed_names(tmp_path / "wide")
+    ranged = {weight_map[n] for n in more} - whole
+    assert ranged  # some k/o tensors lie in shards q/v did not need, or this proves nothing
+    base_files = {p.rsplit("/", 1)[-1] for m, p in hub.log if "/org/base/resolve/" in p}
+    assert base_files == ranged
+    assert served_for(hub, "org/base") == expected_bytes(sharded_trio.base, {n for n in more
+                                                                             if weight_map[n] in ranged})
+    assert cosines(wide) == cosines(inspect_json("--base", sharded_trio.base, "--aligned", sharded_trio.aligned,
+                                                 "--adapter", tmp_path / "wide"))
 
 
 @pytest.fixture
@@ -310,7 +337,7 @@ def test_a_shard_outside_the_repository_is_refused(hub: HubServer, tmp_path: Pat
     repo.add_commit(files)
     result = run_cli("patch", *HUB_ARGS, "--out", tmp_path / "out", "--quiet")
     documented("hub-shard-outside", result.stderr, 1, result.exit_code)
-    assert not (remote.cache_root().parent / "escape.safetensors").exists()
+    assert not (cache_root().parent / "escape.safetensors").exists()
 
 
 def test_an_unwritable_cache_is_one_line(hub: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
