@@ -1,4 +1,5 @@
-"""The only module that talks to the Hugging Face Hub, and the one place its errors are mapped.
+"""The module that talks to the Hugging Face Hub (with `ranges`, for byte ranges of a file), and the
+one place its errors are mapped.
 
 Everything goes through huggingface_hub, so HF_ENDPOINT, HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE,
 HF_TOKEN and a saved login behave as they do for transformers. A repository is pinned once

@@ -38,9 +38,9 @@ def _check_partial(response: httpx2.Response, repo: PinnedRepo, filename: str, s
                        hint="Set SAFELORA_HUB_DOWNLOAD=full to download whole files instead.")
     match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
     if match is None or (int(match[1]), int(match[2]) + 1) != (start, stop):
-        raise _short(repo, filename, start, stop, 0) if match is None else HubError(
-            f"The Hub answered bytes {match[1]}-{match[2]} of {filename} in the {repo.label} repository "
-            f"{repo.repo_id} when bytes {start}-{stop - 1} were asked for; nothing was kept.", hint=_FULL_HINT)
+        answered = f"bytes {match[1]}-{match[2]}" if match else "no Content-Range"
+        raise HubError(f"The Hub answered {answered} for {filename} in the {repo.label} repository {repo.repo_id} "
+                       f"when bytes {start}-{stop - 1} were asked for; nothing was kept.", hint=_FULL_HINT)
     return None if match[3] == "*" else int(match[3])
 
 

@@ -11,7 +11,8 @@ Content-Range, and an unsatisfiable range with 416, as the Hub and its CDN do (h
 itself sends open-ended ranges to resume downloads). A file is bytes, or a path on disk (a sparse
 file stands in for a large one). `served` counts the body bytes sent per `repo/file`; `fault`
 makes range responses misbehave: "short" (a shorter body, honestly declared), "cut" (the
-connection closed before the declared length), "ignore-range" (200 with the whole file).
+connection closed before the declared length), "ignore-range" (200 with the whole file),
+"wrong-range" (a Content-Range one byte off the range asked for).
 """
 
 from __future__ import annotations
@@ -209,7 +210,8 @@ class HubServer:
                     return
                 start, stop = wanted if isinstance(wanted, tuple) else (0, size)
                 if isinstance(wanted, tuple):
-                    headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
+                    shift = 1 if hub.fault == "wrong-range" else 0  # says it sends other bytes than asked
+                    headers["Content-Range"] = f"bytes {start + shift}-{stop - 1 + shift}/{size}"
                 self.send_response(206 if isinstance(wanted, tuple) else 200)
                 for key_, value in headers.items():
                     self.send_header(key_, value)

@@ -207,7 +207,8 @@ def documented(case: str, stderr: str, code: int, exit_code: int) -> None:
 
 
 @pytest.mark.parametrize(("fault", "case"), [("short", "hub-short-read"), ("cut", "hub-short-read"),
-                                             ("ignore-range", "hub-range-ignored")])
+                                             ("ignore-range", "hub-range-ignored"),
+                                             ("wrong-range", "hub-wrong-range")])
 def test_a_misbehaving_server_caches_nothing(fault: str, case: str, hub: HubServer, tmp_path: Path) -> None:
     hub.fault = fault
     result = run_cli("patch", *HUB_ARGS, "--out", tmp_path / "out", "--quiet")
