@@ -12,7 +12,8 @@ itself sends open-ended ranges to resume downloads). A file is bytes, or a path 
 file stands in for a large one). `served` counts the body bytes sent per `repo/file`; `fault`
 makes range responses misbehave: "short" (a shorter body, honestly declared), "cut" (the
 connection closed before the declared length), "ignore-range" (200 with the whole file),
-"wrong-range" (a Content-Range one byte off the range asked for).
+"wrong-range" (a Content-Range one byte off the range asked for); `fault_from` spares ranges
+that start before it (a shard's header, say).
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ class HubServer:
         self.log: list[tuple[str, str]] = []
         self.served: Counter[str] = Counter()
         self.fault: str | None = None
+        self.fault_from = 0  # only ranges starting at or after this byte misbehave
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -204,18 +206,22 @@ class HubServer:
                 size = _size(data)
                 headers = {"X-Repo-Commit": sha, "ETag": f'"{_digest(data)}"', "Accept-Ranges": "bytes",
                            "Content-Type": "application/octet-stream"}
-                wanted = None if hub.fault == "ignore-range" else parse_range(self.headers.get("Range"), size)
+                wanted = parse_range(self.headers.get("Range"), size)
+                if hub.fault == "ignore-range" and isinstance(wanted, tuple) and wanted[0] >= hub.fault_from:
+                    wanted = None
                 if wanted == "unsatisfiable":
                     self._reply(416, b"", {**headers, "Content-Range": f"bytes */{size}"}, body)
                     return
                 start, stop = wanted if isinstance(wanted, tuple) else (0, size)
                 if isinstance(wanted, tuple):
-                    shift = 1 if hub.fault == "wrong-range" else 0  # says it sends other bytes than asked
+                    misbehave = hub.fault == "wrong-range" and start >= hub.fault_from
+                    shift = 1 if misbehave else 0  # says it sends other bytes than asked
                     headers["Content-Range"] = f"bytes {start + shift}-{stop - 1 + shift}/{size}"
                 self.send_response(206 if isinstance(wanted, tuple) else 200)
                 for key_, value in headers.items():
                     self.send_header(key_, value)
-                fault = hub.fault if isinstance(wanted, tuple) else None  # whole files are served whole
+                # Whole files are served whole; ranges starting before `fault_from` are served well.
+                fault = hub.fault if isinstance(wanted, tuple) and start >= hub.fault_from else None
                 sent_stop = stop - 1 if fault in ("short", "cut") and stop > start else stop
                 declared = sent_stop if fault == "short" else stop
                 self.send_header("Content-Length", str(declared - start))

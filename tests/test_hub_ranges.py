@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import struct
@@ -16,7 +17,6 @@ from helpers import read_adapter, run_cli, trio_args
 from hub_server import FakeRepo, HubServer, files_of
 from huggingface_hub import constants
 from safetensors.torch import load_file, save_file
-from test_errors_table import doc_rows, matches
 from test_hub import HUB_ARGS, cosines, inspect_json, point_hub_at
 
 from safelora_cli import remote, sources
@@ -26,17 +26,32 @@ from safelora_cli.report import REPORT_NAME
 from safelora_cli.subset import Header, header_length, parse_header
 
 
+@contextlib.contextmanager
+def serving(trio: Trio, cache: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
+    """The trio as org/base, org/aligned, org/adapter on a stand-in Hub; caches under `cache`."""
+    server = HubServer().start()
+    for name in ("base", "aligned", "adapter"):
+        server.repos[f"org/{name}"] = FakeRepo()
+        server.repos[f"org/{name}"].add_commit(files_of(getattr(trio, name)))
+    point_hub_at(monkeypatch, server.url, cache / "hf-cache", offline=False)
+    monkeypatch.setattr(remote, "GAP", 0)  # exact byte counts: no neighbouring ranges merged across a gap
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def hub(sharded_trio: Trio, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
-    server = HubServer().start()
-    for name, folder in (("base", sharded_trio.base), ("aligned", sharded_trio.aligned),
-                         ("adapter", sharded_trio.adapter)):
-        server.repos[f"org/{name}"] = FakeRepo()
-        server.repos[f"org/{name}"].add_commit(files_of(folder))
-    point_hub_at(monkeypatch, server.url, tmp_path / "hf-cache", offline=False)
-    monkeypatch.setattr(remote, "GAP", 0)  # exact byte counts: no neighbouring ranges merged across a gap
-    yield server
-    server.stop()
+    with serving(sharded_trio, tmp_path, monkeypatch) as server:
+        yield server
+
+
+@pytest.fixture
+def single_hub(llama_trio: Trio, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
+    """A single-file model (model.safetensors)."""
+    with serving(llama_trio, tmp_path, monkeypatch) as server:
+        yield server
 
 
 def local_header(path: Path) -> Header:
@@ -198,50 +213,6 @@ def test_a_gated_repository_needs_the_token_for_its_ranges(hub: HubServer) -> No
     assert served_for(hub, "org/base") > 0  # the range requests were answered: they carried the token
 
 
-def documented(case: str, stderr: str, code: int, exit_code: int) -> None:
-    """The error is the documented row: one line, its message, its exit code."""
-    message, expected_code = doc_rows()[case]
-    assert exit_code == expected_code == code, stderr
-    assert stderr.startswith("Error: ") and len(stderr.splitlines()) == 1, stderr
-    assert matches(message, stderr), (message, stderr)
-
-
-@pytest.mark.parametrize(("fault", "case"), [("short", "hub-short-read"), ("cut", "hub-short-read"),
-                                             ("ignore-range", "hub-range-ignored"),
-                                             ("wrong-range", "hub-wrong-range")])
-def test_a_misbehaving_server_caches_nothing(fault: str, case: str, hub: HubServer, tmp_path: Path) -> None:
-    hub.fault = fault
-    result = run_cli("patch", *HUB_ARGS, "--out", tmp_path / "out", "--quiet")
-    documented(case, result.stderr, 1, result.exit_code)
-    assert not (tmp_path / "out").exists()
-    leftovers = [p for p in cache_root().rglob("*") if p.is_file()] if cache_root().exists() else []
-    assert leftovers == []
-    hub.fault = None
-    assert cosines(inspect_json(*HUB_ARGS))
-
-
-@pytest.mark.parametrize("damage", ["truncate", "garble"])
-def test_a_damaged_subset_file_is_fetched_again(damage: str, hub: HubServer, sharded_trio: Trio) -> None:
-    first = inspect_json(*HUB_ARGS)
-    victim = next(p for p in subset_files() if "models--org--base" in str(p))
-    raw = victim.read_bytes()
-    victim.write_bytes(raw[:-3] if damage == "truncate" else raw[:8] + b"#" + raw[9:])
-    hub.served.clear()
-    again = inspect_json(*HUB_ARGS)
-    assert cosines(again) == cosines(first)
-    shard = victim.name
-    assert hub.served[f"org/base/{shard}"] > 0 and served_for(hub, "org/aligned") == 0
-    assert victim.read_bytes() == raw
-
-
-def test_out_inside_our_cache_is_refused(hub: HubServer, tmp_path: Path) -> None:
-    inspect_json(*HUB_ARGS)
-    inside = cache_root() / "hub" / "patched"
-    result = run_cli("patch", *HUB_ARGS, "--out", inside, "--quiet")
-    assert result.exit_code == 1 and "lies inside the safelora cache" in result.stderr
-    assert not inside.exists()
-
-
 def test_whole_files_on_request_and_a_full_hf_cache_is_used_as_is(hub: HubServer, sharded_trio: Trio,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SAFELORA_HUB_DOWNLOAD", "full")
@@ -281,18 +252,6 @@ def test_shards_in_the_hf_cache_are_read_there_and_the_others_by_range(
                                                  "--adapter", tmp_path / "wide"))
 
 
-@pytest.fixture
-def single_hub(llama_trio: Trio, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
-    server = HubServer().start()
-    for name in ("base", "aligned", "adapter"):
-        server.repos[f"org/{name}"] = FakeRepo()
-        server.repos[f"org/{name}"].add_commit(files_of(getattr(llama_trio, name)))
-    point_hub_at(monkeypatch, server.url, tmp_path / "hf-cache", offline=False)
-    monkeypatch.setattr(remote, "GAP", 0)
-    yield server
-    server.stop()
-
-
 def test_a_single_file_model_is_read_by_range_and_lists_every_name(single_hub: HubServer, llama_trio: Trio) -> None:
     report = inspect_json(*HUB_ARGS)
     assert cosines(report) == cosines(inspect_json(*trio_args(llama_trio)))
@@ -316,43 +275,6 @@ def test_config_quantization_is_still_seen(single_hub: HubServer, llama_trio: Tr
     repo.add_commit(files)
     result = run_cli("inspect", *HUB_ARGS)
     assert result.exit_code != 0 and "config.json quantization_config: gptq" in result.stderr
-
-
-def test_a_garbled_remote_header_is_one_line(single_hub: HubServer, tmp_path: Path) -> None:
-    repo = single_hub.repos["org/base"]
-    files = dict(repo.commits[repo.refs["main"]])
-    data = bytearray(files[SINGLE_FILE])
-    data[8:9] = b"["  # a JSON array, not an object
-    files[SINGLE_FILE] = bytes(data)
-    repo.add_commit(files)
-    result = run_cli("patch", *HUB_ARGS, "--out", tmp_path / "out", "--quiet")
-    documented("hub-bad-header", result.stderr, 1, result.exit_code)
-
-
-def test_a_shard_outside_the_repository_is_refused(hub: HubServer, tmp_path: Path) -> None:
-    repo = hub.repos["org/base"]
-    files = dict(repo.commits[repo.refs["main"]])
-    index = json.loads(files[INDEX_FILE])
-    index["weight_map"]["model.layers.0.self_attn.q_proj.weight"] = "../../escape.safetensors"
-    files[INDEX_FILE] = json.dumps(index).encode()
-    repo.add_commit(files)
-    result = run_cli("patch", *HUB_ARGS, "--out", tmp_path / "out", "--quiet")
-    documented("hub-shard-outside", result.stderr, 1, result.exit_code)
-    assert not (cache_root().parent / "escape.safetensors").exists()
-
-
-def test_an_unwritable_cache_is_one_line(hub: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "a-file").write_text("not a directory")
-    monkeypatch.setenv("SAFELORA_CACHE", str(tmp_path / "a-file"))
-    result = run_cli("patch", *HUB_ARGS, "--out", tmp_path / "out", "--quiet")
-    documented("hub-cache-unwritable", result.stderr, 1, result.exit_code)
-
-
-def test_an_unknown_download_mode_is_a_usage_error(hub: HubServer, tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SAFELORA_HUB_DOWNLOAD", "some")
-    result = run_cli("patch", *HUB_ARGS, "--out", tmp_path / "out", "--quiet")
-    documented("hub-download-mode", result.stderr, 2, result.exit_code)
 
 
 def test_local_inputs_record_no_bytes(sharded_trio: Trio) -> None:
