@@ -3,7 +3,7 @@
 A spec is a local path or a Hub repository id (`org/name`, optionally `org/name@revision`). An
 existing local path always wins; otherwise a spec shaped like a repo id goes to the Hub; anything
 else is a path that does not exist. Models are resolved for a set of tensor names, so that only
-the index and the shards holding those tensors are downloaded.
+those tensors (by range, see `hub_model`) or the shards holding them are downloaded.
 """
 
 from __future__ import annotations
