@@ -1,4 +1,5 @@
-"""The only module that talks to the Hugging Face Hub, and the one place its errors are mapped.
+"""The module that talks to the Hugging Face Hub (with `ranges`, for byte ranges of a file), and the
+one place its errors are mapped.
 
 Everything goes through huggingface_hub, so HF_ENDPOINT, HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE,
 HF_TOKEN and a saved login behave as they do for transformers. A repository is pinned once
@@ -10,16 +11,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx2
 from huggingface_hub import (
     HfApi,
     constants,
+    get_hf_file_metadata,
     hf_hub_download,
+    hf_hub_url,
     snapshot_download,
     try_to_load_from_cache,
 )
@@ -28,6 +33,7 @@ from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
     LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
     RepositoryNotFoundError,
     RevisionNotFoundError,
     RevisionResolutionError,
@@ -54,6 +60,13 @@ class PinnedRepo:
     token: str | None = field(default=None, repr=False)
 
 
+@dataclass
+class Tally:
+    """Bytes one input fetched from the Hub, summed over its requests (a running sum, so not frozen)."""
+
+    bytes: int = 0
+
+
 def _where(repo_id: str, revision: str | None) -> str:
     return f"{repo_id}@{revision}" if revision else repo_id
 
@@ -74,7 +87,7 @@ def quiet() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _unreachable(label: str, repo_id: str, what: str) -> HubError:
+def unreachable(label: str, repo_id: str, what: str) -> HubError:
     # Only the first call (resolving the revision) can be mistaken for a local path.
     local = ", nor a local path" if what.startswith("revision") else ""
     if constants.is_offline_mode():
@@ -121,12 +134,14 @@ def hub_errors(label: str, repo_id: str, revision: str | None, what: str) -> Ite
             hint=f"Pass an existing branch, tag or commit with {option}-revision (or {repo_id}@REVISION).",
         ) from None
     except (LocalEntryNotFoundError, RevisionResolutionError):
-        raise _unreachable(label, repo_id, what) from None
+        raise unreachable(label, repo_id, what) from None
     except EntryNotFoundError:
         raise HubError(
             f"The {label} repository {_where(repo_id, revision)} has no {what}.",
             hint="Check the repository's files on the Hub: it may hold another layout or be incomplete.",
         ) from None
+    except (httpx2.TransportError, OfflineModeIsEnabled):
+        raise unreachable(label, repo_id, what) from None
     except HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else "?"
         raise HubError(
@@ -142,19 +157,44 @@ def pin(repo_id: str, revision: str | None, token: str | None, label: str) -> Pi
     return PinnedRepo(repo_id, label, revision, resolved.resolved, token)
 
 
-def download(repo: PinnedRepo, filename: str) -> Path:
-    """One file of the pinned commit, from the cache or downloaded into it."""
+def cached_path(repo: PinnedRepo, filename: str) -> Path | None:
+    """The file of the pinned commit if the Hugging Face cache holds it (no request); else None."""
+    with quiet():
+        entry = try_to_load_from_cache(repo.repo_id, filename, revision=repo.commit)
+    return Path(entry) if isinstance(entry, str) else None
+
+
+def download(repo: PinnedRepo, filename: str, tally: Tally | None = None) -> Path:
+    """One file of the pinned commit, from the cache or downloaded into it (its size then added to `tally`)."""
+    cached = cached_path(repo, filename)
+    if cached is not None:
+        return cached
     with hub_errors(repo.label, repo.repo_id, repo.revision, f"file {filename}"):
-        path = hf_hub_download(repo.repo_id, filename, revision=repo.commit, token=repo.token)
-    return Path(path)
+        path = Path(hf_hub_download(repo.repo_id, filename, revision=repo.commit, token=repo.token))
+    if tally is not None:
+        tally.bytes += path.stat().st_size
+    return path
 
 
-def first_present(repo: PinnedRepo, names: Sequence[str]) -> str | None:
+def _exists_remotely(repo: PinnedRepo, name: str) -> bool:
+    """Whether the pinned commit holds `name`, asked with one HEAD request (nothing downloaded)."""
+    url = hf_hub_url(repo.repo_id, name, revision=repo.commit)
+    with hub_errors(repo.label, repo.repo_id, repo.revision, f"file {name}"):
+        try:
+            get_hf_file_metadata(url, token=repo.token)
+        except EntryNotFoundError:
+            return False
+    return True
+
+
+def first_present(repo: PinnedRepo, names: Sequence[str], tally: Tally | None = None, *,
+                  probe: Collection[str] = (), elsewhere: Callable[[str], bool] | None = None) -> str | None:
     """The first of `names` the pinned commit holds, downloading it; None when it holds none.
 
     The cache is asked first (a file cached, or cached as absent, costs no request), so a
     second run with everything cached makes no request at all. Offline, the first cached
-    name wins.
+    name wins. Names in `probe` are large files that are only looked for (HEAD), not
+    downloaded; `elsewhere(name)` says a name is known present from another cache.
 
     Raises:
         HubError: offline with none of `names` cached, or any Hub failure but "no such file".
@@ -163,7 +203,7 @@ def first_present(repo: PinnedRepo, names: Sequence[str]) -> str | None:
     for name in names:
         with quiet():
             entry = try_to_load_from_cache(repo.repo_id, name, revision=repo.commit)
-        if isinstance(entry, str):
+        if isinstance(entry, str) or (elsewhere is not None and elsewhere(name)):
             return name
         # The documented results are a path (cached), None (unknown) or a sentinel object meaning
         # "cached as absent"; the sentinel's name is private, so it is recognised as "neither".
@@ -172,16 +212,22 @@ def first_present(repo: PinnedRepo, names: Sequence[str]) -> str | None:
         unknown = True
         if offline:
             continue
+        if name in probe:
+            if _exists_remotely(repo, name):
+                return name
+            continue
         with hub_errors(repo.label, repo.repo_id, repo.revision, f"file {name}"):
             try:
-                hf_hub_download(repo.repo_id, name, revision=repo.commit, token=repo.token)
+                path = hf_hub_download(repo.repo_id, name, revision=repo.commit, token=repo.token)
             except LocalEntryNotFoundError:
                 raise
             except EntryNotFoundError:
                 continue  # not in this commit: try the next layout
-            return name
+        if tally is not None:
+            tally.bytes += os.path.getsize(path)
+        return name
     if offline and unknown:
-        raise _unreachable(repo.label, repo.repo_id, "checkpoint files")
+        raise unreachable(repo.label, repo.repo_id, "checkpoint files")
     return None
 
 
@@ -192,9 +238,25 @@ class _NoFileCountBar(tqdm):
         super().__init__(*args, **{**kwargs, "disable": True})
 
 
-def snapshot_top_level(repo: PinnedRepo, skip: Sequence[str] = ()) -> Path:
-    """The files at the top of the pinned commit (no subfolders, none of `skip`) as one folder."""
+def snapshot_top_level(repo: PinnedRepo, skip: Sequence[str] = (), tally: Tally | None = None) -> Path:
+    """The files at the top of the pinned commit (no subfolders, none of `skip`) as one folder.
+
+    `tally` gets the sizes of the files the snapshot folder did not hold before the call.
+    """
+    before = _snapshot_files(repo)
     with hub_errors(repo.label, repo.repo_id, repo.revision, "files"):
-        folder = snapshot_download(repo.repo_id, revision=repo.commit, token=repo.token,
-                                   ignore_patterns=["*/*", *skip], tqdm_class=_NoFileCountBar)
-    return Path(folder)
+        folder = Path(snapshot_download(repo.repo_id, revision=repo.commit, token=repo.token,
+                                        ignore_patterns=["*/*", *skip], tqdm_class=_NoFileCountBar))
+    if tally is not None:
+        tally.bytes += sum(path.stat().st_size for path in folder.iterdir()
+                           if path.is_file() and path.name not in before)
+    return folder
+
+
+def _snapshot_files(repo: PinnedRepo) -> set[str]:
+    """Names of the files the cache's snapshot folder of the pinned commit holds now."""
+    folder = Path(constants.HF_HUB_CACHE) / f"models--{repo.repo_id.replace('/', '--')}" / "snapshots" / repo.commit
+    try:
+        return {entry.name for entry in folder.iterdir()}
+    except OSError:
+        return set()

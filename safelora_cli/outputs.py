@@ -210,10 +210,14 @@ def _check_against(targets: list[Target], inputs: dict[str, Path]) -> None:
 
 def protected(inputs: dict[str, Path]) -> dict[str, Path]:
     """What no output may touch: the inputs given (a description → a directory), resolved, and the
-    Hugging Face cache as a whole, since a Hub input is read from it."""
+    Hugging Face cache and safelora's own cache of Hub tensors as a whole, since Hub inputs are read
+    from them."""
     from huggingface_hub import constants
 
-    found = {"Hugging Face cache": Path(constants.HF_HUB_CACHE).expanduser().resolve()}
+    from safelora_cli.cache_dir import cache_root
+
+    found = {"Hugging Face cache": Path(constants.HF_HUB_CACHE).expanduser().resolve(),
+             "safelora cache": cache_root().resolve()}
     found.update({name: path.resolve() for name, path in inputs.items()})
     return found
 

@@ -3,7 +3,7 @@
 A spec is a local path or a Hub repository id (`org/name`, optionally `org/name@revision`). An
 existing local path always wins; otherwise a spec shaped like a repo id goes to the Hub; anything
 else is a path that does not exist. Models are resolved for a set of tensor names, so that only
-the index and the shards holding those tensors are downloaded.
+those tensors (by range, see `hub_model`) or the shards holding them are downloaded.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safelora_cli.checkpoint import CONFIG_FILE, LAYOUTS, Checkpoint, open_checkpoint, read_index, shards_for
+from safelora_cli.checkpoint import CONFIG_FILE, LAYOUTS, Checkpoint, open_checkpoint
 from safelora_cli.errors import InputError, UsageError, expand_user
 
 # `org/name` or `org/name@revision`: one slash, no leading dot (so ./x/y and ../x stay paths).
@@ -34,10 +34,13 @@ class Origin:
     revision: str | None = None
     commit: str | None = None
     from_adapter_config: bool | None = None
+    # Bytes fetched from the Hub for this input (0: all from a cache); None for local inputs.
+    bytes_downloaded: int | None = None
 
     def record(self) -> dict[str, Any]:
         """The report's fields beyond source and path (`from_adapter_config` for --aligned only)."""
-        record: dict[str, Any] = {"revision": self.revision, "commit": self.commit}
+        record: dict[str, Any] = {"revision": self.revision, "commit": self.commit,
+                                  "bytes_downloaded": self.bytes_downloaded}
         if self.from_adapter_config is not None:
             record["from_adapter_config"] = self.from_adapter_config
         return record
@@ -179,48 +182,50 @@ def resolve_adapter(spec: str, revision: str | None, token: str | None) -> Origi
     from safelora_cli import hub
 
     repo = _pin(parsed, token, "adapter")
-    weights = hub.first_present(repo, ADAPTER_WEIGHTS)
+    tally = hub.Tally()
+    weights = hub.first_present(repo, ADAPTER_WEIGHTS, tally)
     skip = [name for name in ADAPTER_WEIGHTS if name != weights]
-    folder = hub.snapshot_top_level(repo, skip=skip)
-    return Origin(spec, folder, repo.repo_id, repo.revision, repo.commit)
+    folder = hub.snapshot_top_level(repo, skip=skip, tally=tally)
+    return Origin(spec, folder, repo.repo_id, repo.revision, repo.commit, bytes_downloaded=tally.bytes)
 
 
 def resolve_model(spec: str, revision: str | None, token: str | None, label: str,
                   needed: Callable[[Collection[str]], Collection[str]]) -> tuple[Checkpoint, Origin]:
-    """Index a model for the tensors in `needed`; from the Hub, download only what holds them.
+    """Index a model for the tensors in `needed`; from the Hub, fetch only what holds them.
 
     Args:
         spec: local path or Hub id.
         revision: the --<label>-revision option (None: inline `@rev`, or the default branch).
         token: Hub token (None: HF_TOKEN or the saved login).
         label: 'base' or 'aligned'.
-        needed: given the names an index lists, those the adapter may use (e.g.
-            `model.layers.0.self_attn.q_proj.weight`); only their shards are downloaded.
+        needed: given the names an index (or header) lists, those the adapter may use (e.g.
+            `model.layers.0.self_attn.q_proj.weight`); only they (or, with whole files, their
+            shards) are downloaded.
     """
     parsed = parse_spec(spec, revision, label)
     if parsed.path is not None:
         path = check_local_dir(parsed.path, spec, label)
         return open_checkpoint(path, label), Origin(spec, path)
-    from safelora_cli import hub
+    from safelora_cli import hub, hub_model
 
     assert parsed.repo_id is not None
+    tensors_only = hub_model.download_mode() == hub_model.TENSORS
     repo = _pin(parsed, token, label)
-    layout = hub.first_present(repo, LAYOUTS)
+    tally = hub.Tally()
+    layout = hub.first_present(repo, LAYOUTS, tally, probe=hub_model.RANGED if tensors_only else (),
+                               elsewhere=hub_model.held_elsewhere(repo) if tensors_only else None)
     if layout is None:
         raise InputError(
             f"The {label} repository {parsed.repo_id} (commit {repo.commit[:12]}) has none of {', '.join(LAYOUTS)}.",
             hint="Pass a repository with transformers-format weights.",
         )
-    first = hub.download(repo, layout)
-    wanted: Collection[str] | None = None
-    if layout.endswith(".index.json"):
-        weight_map = read_index(first, label)
-        wanted = needed(weight_map.keys())
-        for shard in shards_for(weight_map, wanted):
-            hub.download(repo, shard)
-    hub.first_present(repo, (CONFIG_FILE,))  # optional; its quantization_config flags quantized weights
-    checkpoint = open_checkpoint(first.parent, label, needed=wanted)
-    return checkpoint, Origin(spec, first.parent, repo.repo_id, repo.revision, repo.commit)
+    hub.first_present(repo, (CONFIG_FILE,), tally)  # optional; its quantization_config flags quantized weights
+    if tensors_only and layout in hub_model.RANGED_LAYOUTS:
+        checkpoint = hub_model.tensors_of(repo, layout, needed, tally)
+    else:
+        checkpoint = hub_model.whole_files(repo, layout, needed, tally)
+    origin = Origin(spec, checkpoint.root, repo.repo_id, repo.revision, repo.commit, bytes_downloaded=tally.bytes)
+    return checkpoint, origin
 
 
 def aligned_from_adapter(raw_config: dict[str, Any], adapter: Path, revision: str | None) -> tuple[str, str | None]:

@@ -24,13 +24,16 @@ HUB_ARGS = ["--base", "org/base", "--aligned", "org/aligned", "--adapter", "org/
 
 
 def point_hub_at(monkeypatch: pytest.MonkeyPatch, endpoint: str, cache: Path, offline: bool) -> None:
-    """huggingface_hub reads these at import time: set the module constants, not the environment."""
+    """huggingface_hub reads these at import time: set the module constants, not the environment.
+    Our own tensor cache goes beside the Hugging Face one."""
     monkeypatch.setattr(constants, "ENDPOINT", endpoint)
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(cache / "no-token"))
     monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("SAFELORA_CACHE", str(cache.parent / "safelora-cache"))
+    monkeypatch.delenv("SAFELORA_HUB_DOWNLOAD", raising=False)
 
 
 @pytest.fixture
