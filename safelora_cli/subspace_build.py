@@ -120,7 +120,10 @@ def _weights(request: SubspaceRequest, models: Models, adapters: list[Any]) -> d
 
 
 def _provenance(request: SubspaceRequest, models: Models, keys: dict[str, bool]) -> dict[str, Any]:
-    return {"tool": {"name": "safelora-cli", "version": __version__}, "inputs": models.records(),
+    # What was downloaded belongs to this run, not to the file.
+    inputs = {name: {k: v for k, v in entry.items() if k != "bytes_downloaded"}
+              for name, entry in models.records().items()}
+    return {"tool": {"name": "safelora-cli", "version": __version__}, "inputs": inputs,
             "modules": sorted({k.rsplit(".", 2)[-2] for k in keys}),
             "rank_requested": request.rank, "energy_requested": request.energy}
 

@@ -69,6 +69,8 @@ def resolve_subspace(inputs: Inputs, adapters: list[tuple[Origin, Adapter]],
     _refuse_uncovered(subspace, adapters, inputs)
     _warn_other_model(subspace, adapters, warn)
     recorded = subspace.provenance.get("inputs", {})
-    records = {name: {**recorded[name], "via_subspace": True} for name in ("base", "aligned") if name in recorded}
+    # The models themselves were not read in this run: nothing was downloaded for them.
+    records = {name: {**recorded[name], "via_subspace": True, "bytes_downloaded": 0 if recorded[name].get("commit")
+                      else None} for name in ("base", "aligned") if name in recorded}
     records["subspace"] = {"source": text_of_path(origin.spec), "path": text_of_path(origin.path), **origin.record()}
     return subspace, records
