@@ -21,6 +21,20 @@ hand. Every command also answers `--help`. Exit codes: 0 success, 1 bad input or
 2 wrong usage, 3 a gate failed ([exit codes](exit-codes.md)).
 """
 
+ENVIRONMENT = """## Environment
+
+| variable | effect |
+|---|---|
+| `HF_TOKEN` | Hub token (also `--token`, or the login saved by `hf auth login`) |
+| `HF_ENDPOINT` | the Hub to talk to (a mirror, or a private Hub) |
+| `HF_HOME`, `HF_HUB_CACHE` | where the Hugging Face cache lies (adapters, indexes, `config.json`, whole files) |
+| `HF_HUB_OFFLINE` | `1`: no request at all; everything must already be cached |
+| `SAFELORA_CACHE` | where tensors fetched by range are kept (default `$XDG_CACHE_HOME/safelora`, else `~/.cache/safelora`) |
+| `SAFELORA_HUB_DOWNLOAD` | `tensors` (default): fetch only the needed tensors of a Hub model; `full`: download the shards holding them whole |
+
+See [inputs](inputs.md) for what is downloaded and cached.
+"""
+
 
 def _cell(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|")
@@ -45,6 +59,7 @@ def render() -> str:
                 "Options: `--version` prints the version; `--help` on any command prints its help.", ""]
     for name, command in group.commands.items():  # type: ignore[attr-defined]
         sections.append(command_markdown(name, command))
+    sections.append(ENVIRONMENT)
     return "\n".join(sections)
 
 
