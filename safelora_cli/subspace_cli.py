@@ -26,15 +26,15 @@ BaseOpt = Annotated[str, option("--base", metavar=SOURCE, help="Base (unaligned)
 AdapterOpt = Annotated[Optional[list[str]], option(  # noqa: UP045 - typer needs Optional on 3.10
     "--adapter", metavar=SOURCE, help="Cover the weights this adapter adapts (repeatable). Give it or --modules.")]
 ModulesOpt = Annotated[Optional[str], option(  # noqa: UP045
-    "--modules", metavar="NAMES", help="Cover every <name>.weight of these comma-separated module names, e.g. "
-    "q_proj,v_proj, for any adapter of them.")]
+    "--modules", metavar="NAMES", help="Cover every weight of these comma-separated module names (…q_proj.weight, "
+    "…), e.g. q_proj,v_proj, for any adapter of them.")]
 RankOpt = Annotated[Optional[int], option(  # noqa: UP045
     "--rank", metavar="K", help="Low-rank mode: keep V's top K singular directions of each weight.")]
 EnergyOpt = Annotated[Optional[float], option(  # noqa: UP045
     "--energy", metavar="E", help="Low-rank mode: keep the fewest directions holding this fraction of C's energy "
     "(Σσ⁴).")]
 DtypeOpt = Annotated[str, option("--dtype", metavar="DTYPE", help="Exact mode: store V as float32 (default), "
-                               "bfloat16 or float16 (half the size; see docs/inputs.md for the cosine error).")]
+                               "bfloat16 or float16 (half the size; see docs/subspace.md for the cosine error).")]
 
 
 def subspace_command(
