@@ -197,7 +197,7 @@ def rank64_row(root: Path, device: str, repeat: int, budget: Budget, work: Path,
     return {**row, "weights": weights, "file_mb": (out / "model.safetensors").stat().st_size / 1e6}
 
 
-def cpu_row(root: Path, repeat: int, budget: Budget, work: Path, skipped: list[str]) -> dict[str, object] | None:
+def cpu_row(root: Path, repeat: int, budget: Budget, work: Path, skipped: list[str]) -> dict[str, float] | None:
     """(b) with --device cpu, warm, while the budget lasts (in a rehearsal it repeats (b), to try the step)."""
     bm.read_files(bench_data.trio_files(root))
     runs: list[bm.Sample] = []

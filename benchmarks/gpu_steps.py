@@ -18,6 +18,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -52,7 +53,7 @@ def env_info() -> dict[str, object]:
     return info
 
 
-def make_trio(root: Path, record: dict[str, object]) -> dict[str, object]:
+def make_trio(root: Path, record: dict[str, Any]) -> dict[str, object]:
     """base/, aligned/ and adapter/ under `root` as `record` says, unless a trio with that record is there.
 
     Kind `llama` is bench_generate's chunked writer (peak memory one shard, as for `make bench`); `wide`
@@ -72,13 +73,13 @@ def make_trio(root: Path, record: dict[str, object]) -> dict[str, object]:
         if stale.exists():
             shutil.rmtree(stale)
     start = time.perf_counter()
-    shape = LlamaShape(**record["shape"])  # type: ignore[arg-type]
-    targets, rank = tuple(record["targets"]), int(record["rank"])  # type: ignore[call-overload, arg-type]
+    shape = LlamaShape(**record["shape"])
+    targets, rank = tuple(str(t) for t in record["targets"]), int(record["rank"])
     if record["kind"] == "wide":
         bases = write_wide_models(partial, shape)
         write_wide_adapter(partial / "adapter", shape, bases, targets, rank)
     else:
-        bases = _write_models_chunked(partial, shape, int(record["per_shard"]))  # type: ignore[call-overload]
+        bases = _write_models_chunked(partial, shape, int(record["per_shard"]))
         write_adapter(partial / "adapter", shape, bases, targets, rank, base_model="synthetic-aligned")
     (partial / TRIO_MARKER).write_text(json.dumps(record))
     partial.rename(root)
@@ -94,7 +95,7 @@ def _fresh(path: Path) -> Path:
     return path
 
 
-def _compare_layers(first: dict, second: dict) -> dict[str, object]:  # type: ignore[type-arg]
+def _compare_layers(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
     """Cosines, error bounds and selections of two reports of the same layers."""
     a, b = first["layers"], second["layers"]
     same_modules = [x["module"] for x in a] == [y["module"] for y in b]
