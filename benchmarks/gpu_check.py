@@ -122,9 +122,10 @@ class Run:
         marker = self.root(name) / "gpu-check-trio.json"
         return marker.is_file() and json.loads(marker.read_text()) == record(TRIOS[self.mode][name])
 
-    def ensure(self, name: str, after_s: float = 0.0) -> bool:
+    def ensure(self, name: str, after_s: float = 0.0, what: str = "") -> bool:
         """Generate trio `name` unless it is there; False (skipped, saying why) when disk or budget is short.
-        `after_s`: what must still fit once it is made (the rows that use it)."""
+        `after_s`: what must still fit once it is made, the step `what` that uses it."""
+        what = what or f"{name} rows"
         spec = TRIOS[self.mode][name]
         need = 2 * model_bytes(spec[1])
         if not self.ready(name):
@@ -132,11 +133,11 @@ class Run:
             if free < 1.1 * need:
                 self.skip(f"{name} trio: skipped, {need / GB:.1f} GB to write and {free / GB:.1f} GB free on disk")
                 return False
-            if not self.budget.allows(need / GB / self.gen_gbps + after_s, f"{name} trio and its rows",
+            if not self.budget.allows(need / GB / self.gen_gbps + after_s, f"{name} trio and {what}",
                                       self.skipped):
                 return False
             say(f"  generating the {name} trio ({need / GB:.2f} GB of bf16; kept in {self.root(name)})")
-        elif not self.budget.allows(after_s, f"{name} rows", self.skipped):
+        elif not self.budget.allows(after_s, what, self.skipped):
             return False
         made = child("_trio", str(self.root(name)), json.dumps(record(spec)))
         if made["generated_s"] is not None:
@@ -175,7 +176,7 @@ def step_subspace(run: Run) -> None:
     say("step subspace: exact and rank 8 on both devices, then `subspace --rank 64` of the 7B q/v weights")
     agree = run.result.get("agreement")
     estimate = 2 * sum(sum(r["seconds"]) for r in agree.values()) if isinstance(agree, dict) else 60.0
-    if run.ensure("agree", after_s=estimate):
+    if run.ensure("agree", after_s=estimate, what="the subspace agreement (exact, rank 8)"):
         found = child("_subspace", str(run.root("agree")), str(run.work), "cpu", run.device, str(COS_TOL))
         for name, r in found.items():
             say(f"  {name}: tensors identical {r['tensors_identical']}, max cosine diff {r['max_cosine_diff']:.1e}, "
