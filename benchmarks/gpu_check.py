@@ -1,29 +1,30 @@
-"""Check safelora on an NVIDIA GPU: agreement with the CPU, then the 7B-shape speed rows.
+"""Check safelora on an NVIDIA GPU: agreement with the CPU, the 7B-shape speed rows, subspace and width rows.
 
-    python benchmarks/gpu_check.py --out DIR              # on a machine with a CUDA GPU (5–8 minutes)
-    python benchmarks/gpu_check.py --out DIR --rehearse   # tiny shapes, CPU on both sides (about a minute)
+    python benchmarks/gpu_check.py --out DIR              # on a machine with a CUDA GPU (about 8 minutes)
+    python benchmarks/gpu_check.py --out DIR --rehearse   # tiny shapes, CPU on both sides (about 3 minutes)
 
-Steps, each printed as it goes (unbuffered):
-  1. agreement: a small Llama-shaped trio (~200 MB per model, 8 layers in 4 shards, LoRA r = 16 on all
-     seven linear modules) is analysed in-process with `safelora_cli.pipeline.analyze`, once with
-     RunConfig device "cpu" and once with "cuda", for three rules (threshold 0.5, top-k 5, exact
-     projection of rank 4): cosines must agree within 1e-5, the selection must be identical and the
-     patched lora_B tensors close (relative Frobenius difference ≤ 1e-4);
-  2. data: the 7B-shape trio (hidden 4096, MLP 11008, 32 layers, 4 shards of ~3.4 GB per model, bf16;
-     LoRA r = 16 on all seven linear modules) is generated with `safelora_cli.demo` (once; kept in
-     --data-dir);
-  3. rows, every one a fresh process measured like benchmarks/bench_patch.py does (wall time, peak
-     RSS, peak anonymous RSS): (0) start-up with CUDA initialised, (a) the I/O floor, (b)
-     `safelora patch --device cuda`, warm (one untimed run first), then cold when dropping the page
-     cache works (root), each `--repeat` times; last, while the time budget lasts, (b) with
-     `--device cpu` for comparison (warm). The untimed run of (b) also records torch's peak GPU
-     memory allocation;
-  4. results: DIR/gpu-check.json (every sample) and DIR/gpu-check.md (the tables).
-
-A time budget (--budget-s, default 450) keeps the whole run within about 8 minutes: a step that
-would not fit in what is left is skipped and says so. Nothing is downloaded or installed; the
-package is imported from this checkout when it is not installed. --rehearse swaps in tiny shapes
-and uses the CPU for both sides, so that every step can be tried on a machine without a GPU.
+Steps, most valuable first, each printed as it goes (unbuffered) and each skipped, saying so, when
+what is left of the time budget (--budget-s, default 450) or of the disk would not hold it:
+  1. agree: a small Llama-shaped trio (8 layers, LoRA r = 16 on all seven linear modules) is patched
+     with `safelora_cli.patch` on the CPU and on the GPU, into two directories, for three rules
+     (threshold 0.5, top-k 5, exact projection of rank 4): cosines within 1e-5, the same selection,
+     patched lora_B close (relative Frobenius difference ≤ 1e-4), every other tensor identical;
+  2. speed: the 7B-shape trio (hidden 4096, 32 layers, 4 shards of ~3.4 GB per model, bf16, LoRA r = 16
+     on all seven linear modules; generated once, kept in --data-dir); rows as bench_patch.py measures
+     them, each a fresh process: (0) start-up with CUDA initialised, (a) the I/O floor, (b) `safelora
+     patch --device cuda`, warm, then cold when dropping the page cache works; targets (b)/(a) ≤ 1.25×
+     warm and ≤ 1.05× cold. The untimed warm-up run of (b) records torch's peak GPU memory;
+  3. subspace: on the agreement trio, `safelora_cli.subspace` exact and rank 8 on each device (exact:
+     V bit for bit the same), then `inspect(subspace=...)` of each file on its device (cosines and
+     bounds within 1e-5, the same selection); then `safelora subspace --rank 64` of the 7B trio's
+     q_proj/v_proj weights on the GPU, timed (a float64 SVD per weight);
+  4. width: one decoder layer of 70B and of 405B geometry (bench_wide.py; ~1.7 and ~6.4 GB per model,
+     generated once), `safelora patch --device cuda`: wall, peak anonymous RSS, torch's peak GPU memory;
+  5. cpu: (b) with `--device cpu` on the 7B trio, for comparison, while the budget lasts.
+Results: DIR/gpu-check.json (every sample) and DIR/gpu-check.md (the tables). `--steps` runs a
+subset (a second run with the data already generated can spend its budget on the later steps).
+Nothing is downloaded or installed; the package is imported from this checkout. --rehearse swaps
+in tiny shapes and uses the CPU for both sides, so that every step can be tried without a GPU.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -44,426 +44,235 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-import bench_data  # noqa: E402
 import bench_measure as bm  # noqa: E402
+import gpu_rows  # noqa: E402
+from gpu_render import markdown  # noqa: E402
+from gpu_rows import GB, Budget, child_env, say  # noqa: E402
 
 PY = sys.executable
-GB = 1e9
 COS_TOL = 1e-5
 B_TOL = 1e-4
-RULES = {  # name → RunConfig pieces, as keyword arguments for SelectionRule and ProjectionSettings
-    "threshold 0.5": ({"threshold": 0.5}, {}),
-    "top-k 5": ({"threshold": None, "top_k": 5}, {}),
-    "exact, rank 4": ({"threshold": 0.5}, {"kind": "exact", "rank": 4}),
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+STEPS = ("agree", "speed", "subspace", "width", "cpu")
+GEN_GBPS = 0.25  # bytes written per second when generating, until a large trio was generated and timed
+RANK64_ESTIMATE_S = {"gpu": 90.0, "rehearse": 20.0}  # `subspace --rank 64` of the 7B q/v weights (64 SVDs)
+
+
+def _llama(hidden: int, inter: int, layers: int, heads: int, kv: int, vocab: int) -> dict[str, int]:
+    return {"hidden": hidden, "intermediate": inter, "layers": layers, "heads": heads, "kv_heads": kv,
+            "vocab": vocab}
+
+
+# Trios per mode: name → (kind, safelora_cli.demo.LlamaShape keyword arguments, layers per shard).
+TRIOS: dict[str, dict[str, tuple[str, dict[str, int], int]]] = {
+    "gpu": {"agree": ("llama", _llama(1024, 2816, 8, 16, 4, 8000), 2),
+            "speed": ("llama", _llama(4096, 11008, 32, 32, 32, 32000), 8),  # demo.SHAPE_7B, as `make bench`
+            "w70": ("wide", _llama(8192, 28672, 1, 64, 8, 256), 1),  # bench_wide.WIDE_SHAPES
+            "w405": ("wide", _llama(16384, 53248, 1, 128, 8, 256), 1)},
+    "rehearse": {"agree": ("llama", _llama(128, 352, 4, 4, 2, 512), 1),
+                 "speed": ("llama", _llama(256, 688, 4, 4, 4, 2000), 1),
+                 "w70": ("wide", _llama(384, 1344, 1, 4, 2, 64), 1),
+                 "w405": ("wide", _llama(768, 2496, 1, 8, 2, 64), 1)},
 }
-# Shapes as safelora_cli.demo.LlamaShape keyword arguments: (agreement trio, speed trio), layers per shard.
-SHAPES = {
-    "gpu": ({"hidden": 1024, "intermediate": 2816, "layers": 8, "heads": 16, "kv_heads": 4, "vocab": 8000},
-            {"hidden": 4096, "intermediate": 11008, "layers": 32, "heads": 32, "kv_heads": 32, "vocab": 32000}),
-    "rehearse": ({"hidden": 128, "intermediate": 352, "layers": 4, "heads": 4, "kv_heads": 2, "vocab": 512},
-                 {"hidden": 512, "intermediate": 1376, "layers": 8, "heads": 8, "kv_heads": 8, "vocab": 4000}),
-}
-SHARDS = 4  # per model, for both trios (the 7B shape: 8 layers per shard, like the CPU benchmarks)
-TARGETS = bench_data.ALL_LINEAR
-RANK = 16
-T0 = time.perf_counter()
+WIDTH_LABELS = {"w70": "70B geometry", "w405": "405B geometry"}
 
 
-def per_shard(shape: dict[str, int]) -> int:
-    return max(1, shape["layers"] // SHARDS)
+def record(spec: tuple[str, dict[str, int], int]) -> dict[str, object]:
+    """What a generated trio's marker file holds (gpu_steps.make_trio compares it before reusing data)."""
+    kind, shape, per_shard = spec
+    return {"kind": kind, "shape": shape, "per_shard": per_shard, "targets": list(ALL_LINEAR), "rank": 16}
 
 
-def say(message: str) -> None:
-    print(f"[{time.perf_counter() - T0:6.1f} s] {message}", flush=True)
+def model_bytes(shape: dict[str, int]) -> int:
+    """Bytes of one bf16 model of this shape (linear weights of every layer, embeddings and head)."""
+    h, m, kv = shape["hidden"], shape["intermediate"], shape["hidden"] // shape["heads"] * shape["kv_heads"]
+    return 2 * (shape["layers"] * (2 * h * h + 2 * kv * h + 3 * m * h) + 2 * shape["vocab"] * h)
 
 
-def child_env() -> dict[str, str]:
-    """Children import safelora_cli from this checkout first, and print unbuffered."""
-    path = os.environ.get("PYTHONPATH", "")
-    return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{path}" if path else str(REPO),
-            "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
-
-
-def child(*args: str, timeout: float | None = None) -> str:
-    """Run this script in a child process (torch is never imported here); return its stdout."""
-    proc = subprocess.run([PY, str(Path(__file__).resolve()), *args], env=child_env(), cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+def child(*args: str) -> dict:  # type: ignore[type-arg]
+    """Run a gpu_steps.py step in a child process (torch is never imported here); its JSON line."""
+    proc = subprocess.run([PY, str(HERE / "gpu_steps.py"), *args], env=child_env(), cwd=REPO,
+                          capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"step {args[0]} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc.stdout
+    return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
-# ---------------------------------------------------------------- steps run in child processes
+class Run:
+    """The state of one check: where things go, the budget, what was found and what was skipped."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.mode = "rehearse" if args.rehearse else "gpu"
+        self.device = "cpu" if args.rehearse else "cuda"
+        self.repeat: int = args.repeat or (1 if args.rehearse else 3)
+        self.steps = set(args.steps.split(","))
+        self.data = Path(args.data_dir or REPO / "bench-data" / f"gpu-{'rehearse' if args.rehearse else 'check'}")
+        self.work = self.data / "work"
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.budget = Budget(args.budget_s)
+        self.skipped: list[str] = []
+        self.gen_gbps = GEN_GBPS
+        self.result: dict[str, object] = {"rehearse": args.rehearse, "device": self.device, "repeat": self.repeat,
+                                          "steps": sorted(self.steps, key=STEPS.index), "generated": {}}
+
+    def root(self, name: str) -> Path:
+        return self.data / name
+
+    def ready(self, name: str) -> bool:
+        marker = self.root(name) / "gpu-check-trio.json"
+        return marker.is_file() and json.loads(marker.read_text()) == record(TRIOS[self.mode][name])
+
+    def ensure(self, name: str, after_s: float = 0.0, what: str = "") -> bool:
+        """Generate trio `name` unless it is there; False (skipped, saying why) when disk or budget is short.
+        `after_s`: what must still fit once it is made, the step `what` that uses it."""
+        what = what or f"{name} rows"
+        spec = TRIOS[self.mode][name]
+        need = 2 * model_bytes(spec[1])
+        if not self.ready(name):
+            free = shutil.disk_usage(self.data).free
+            if free < 1.1 * need:
+                self.skip(f"{name} trio: skipped, {need / GB:.1f} GB to write and {free / GB:.1f} GB free on disk")
+                return False
+            if not self.budget.allows(need / GB / self.gen_gbps + after_s, f"{name} trio and {what}",
+                                      self.skipped):
+                return False
+            say(f"  generating the {name} trio ({need / GB:.2f} GB of bf16; kept in {self.root(name)})")
+        elif not self.budget.allows(after_s, what, self.skipped):
+            return False
+        made = child("_trio", str(self.root(name)), json.dumps(record(spec)))
+        if made["generated_s"] is not None:
+            self.result["generated"][name] = made["generated_s"]  # type: ignore[index]
+            if made["bytes"] > GB:
+                self.gen_gbps = made["bytes"] / GB / made["generated_s"]
+            say(f"  generated in {made['generated_s']:.1f} s")
+        return True
+
+    def skip(self, message: str) -> None:
+        self.skipped.append(message)
+        say(message)
 
 
-def env_info() -> dict[str, object]:
-    import torch
+def step_agree(run: Run) -> None:
+    say("step agree: CPU vs GPU, `safelora_cli.patch` into two directories, three rules")
+    run.ensure("agree")
+    devices = ("cpu", run.device)
+    agree = child("_agree", str(run.root("agree")), str(run.work), *devices, str(COS_TOL), str(B_TOL))
+    for name, r in agree.items():
+        say(f"  {name}: max cosine diff {r['max_cosine_diff']:.1e}, same selection {r['same_selection']}, "
+            f"max rel B diff {r['max_rel_b_diff']:.1e}, ok {r['ok']}")
+    run.result.update(agreement_devices=list(devices), agreement=agree)
 
-    info: dict[str, object] = {"torch": torch.__version__, "cuda_available": torch.cuda.is_available(),
-                               "cuda_version": torch.version.cuda}
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        info.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / GB, 1),
-                    capability=f"{props.major}.{props.minor}", gpus=torch.cuda.device_count())
-    import safetensors
 
-    import safelora_cli
-    import safelora_cli.cli
-    import safelora_cli.pipeline  # noqa: F401  (fails here, early, when a dependency is missing)
-    info.update(safetensors=safetensors.__version__, safelora_cli=safelora_cli.__version__,
-                safelora_cli_path=str(Path(safelora_cli.__file__).parent))
+def step_speed(run: Run) -> None:
+    say(f"step speed: rows (0), (a), (b) on {run.device}, warm then cold, up to {run.repeat} runs each")
+    needed = 2 * model_bytes(TRIOS[run.mode]["speed"][1]) / GB
+    if not run.ensure("speed", after_s=3 * needed / 2.0 + 20):  # at least one warm repetition
+        return
+    rows, extra = gpu_rows.speed_rows(run.root("speed"), run.device, run.repeat, run.budget, run.work, run.skipped)
+    run.result.update(rows=rows, extra=extra)
+
+
+def step_subspace(run: Run) -> None:
+    say("step subspace: exact and rank 8 on both devices, then `subspace --rank 64` of the 7B q/v weights")
+    agree = run.result.get("agreement")
+    estimate = 2 * sum(sum(r["seconds"]) for r in agree.values()) if isinstance(agree, dict) else 60.0
+    if run.ensure("agree", after_s=estimate, what="the subspace agreement (exact, rank 8)"):
+        found = child("_subspace", str(run.root("agree")), str(run.work), "cpu", run.device, str(COS_TOL))
+        for name, r in found.items():
+            say(f"  {name}: tensors identical {r['tensors_identical']}, max cosine diff {r['max_cosine_diff']:.1e}, "
+                f"max bound diff {r['max_bound_diff']:.1e}, same selection {r['same_selection']}, ok {r['ok']}")
+        run.result["subspace"] = found
+    if not run.ready("speed"):
+        run.skip("subspace --rank 64 of the 7B q/v weights: skipped, the speed trio was not generated")
+        return
+    if run.budget.allows(RANK64_ESTIMATE_S[run.mode], "subspace --rank 64 of the 7B q/v weights", run.skipped):
+        run.result["rank64"] = gpu_rows.rank64_row(run.root("speed"), run.device, run.repeat, run.budget, run.work,
+                                                   run.skipped)
+
+
+def step_width(run: Run) -> None:
+    say(f"step width: one layer of 70B and of 405B geometry, `safelora patch --device {run.device}`")
+    width: dict[str, object] = {}
+    for name in ("w70", "w405"):
+        needed = 2 * model_bytes(TRIOS[run.mode][name][1]) / GB
+        if run.ensure(name, after_s=(1 + run.repeat) * (needed / 2.0 + 6)):
+            width[name] = gpu_rows.width_row(run.root(name), run.device, run.repeat, run.budget, run.work,
+                                             run.skipped)
+            width[name]["label"] = WIDTH_LABELS[name]  # type: ignore[index]
+            width[name]["shape"] = TRIOS[run.mode][name][1]  # type: ignore[index]
+    run.result["width"] = width
+
+
+def step_cpu(run: Run) -> None:
+    say("step cpu: (b) with --device cpu on the 7B trio, for comparison, while the budget lasts")
+    if not run.ready("speed"):
+        run.skip("(b) --device cpu: skipped, the speed trio was not generated")
+        return
+    row = gpu_rows.cpu_row(run.root("speed"), run.repeat, run.budget, run.work, run.skipped)
+    if row:
+        run.result.setdefault("rows", {})["b_cpu warm"] = row  # type: ignore[index]
+
+
+def machine() -> dict[str, str]:
+    info = {"nproc": str(os.cpu_count()), "cpu": platform.processor() or platform.machine(),
+            "ram": f"{bm.meminfo_bytes('MemTotal') / 2**30:.0f} GiB"}
+    with open("/proc/cpuinfo") as fh:
+        info["cpu"] = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")),
+                           info["cpu"])
     return info
 
 
-def make_trio(root: Path, shape_kwargs: dict[str, int], per_shard: int) -> dict[str, object]:
-    """base/, aligned/ and adapter/ under `root` (all linear modules, r = 16), unless already there."""
-    from safelora_cli.demo import LlamaShape, write_adapter, write_models
-
-    marker = root / "gpu-check-trio.json"
-    record = {"shape": shape_kwargs, "per_shard": per_shard, "targets": list(TARGETS), "rank": RANK}
-    if marker.is_file() and json.loads(marker.read_text()) == record:
-        return {"generated_s": None}
-    if root.exists():
-        shutil.rmtree(root)
-    start = time.perf_counter()
-    import torch
-
-    shape = LlamaShape(**shape_kwargs)
-    bases = write_models(root, shape, torch.bfloat16, layers_per_shard=per_shard)
-    write_adapter(root / "adapter", shape, bases, TARGETS, RANK, base_model="synthetic-aligned")
-    marker.write_text(json.dumps(record))
-    return {"generated_s": time.perf_counter() - start}
+def describe(spec: tuple[str, dict[str, int], int]) -> str:
+    kind, shape, per_shard = spec
+    shards = shape["layers"] // per_shard if kind == "llama" else 8
+    return (f"hidden {shape['hidden']}, MLP {shape['intermediate']}, {shape['layers']} layers, {shards} shards per "
+            f"model, bf16; LoRA r = 16 on all seven linear modules")
 
 
-def agreement(root: Path, devices: tuple[str, str]) -> dict[str, object]:
-    """Analyse the trio on both devices for every rule; compare cosines, selections and patched B's."""
-    import torch
-
-    from safelora_cli.config import Projection, ProjectionSettings, RunConfig, SelectionRule
-    from safelora_cli.pipeline import analyze
-
-    results: dict[str, object] = {}
-    for name, (selection, projection) in RULES.items():
-        settings = ProjectionSettings(Projection(projection["kind"]), projection.get("rank")) if projection \
-            else ProjectionSettings()
-        runs = {}
-        for device in devices:
-            config = RunConfig(base=str(root / "base"), aligned=str(root / "aligned"), adapter=str(root / "adapter"),
-                               selection=SelectionRule(**selection), projection=settings, device=device)
-            start = time.perf_counter()
-            runs[device] = analyze(config)
-            runs[device + "_s"] = time.perf_counter() - start  # type: ignore[assignment]
-        first, second = (runs[d] for d in devices)
-        cos_diff = 0.0
-        undefined_mismatch = 0
-        for x, y in zip(first.layers, second.layers, strict=True):
-            cx, cy = x.math.cosine, y.math.cosine
-            if (cx is None) != (cy is None):
-                undefined_mismatch += 1
-            elif cx is not None and cy is not None:
-                cos_diff = max(cos_diff, abs(cx - cy))
-        same_modules = [x.plan.module for x in first.layers] == [y.plan.module for y in second.layers]
-        same_selection = [x.selected for x in first.layers] == [y.selected for y in second.layers]
-        b_diff = 0.0
-        same_keys = first.patched_b.keys() == second.patched_b.keys()
-        for key in first.patched_b.keys() & second.patched_b.keys():
-            p, q = first.patched_b[key].double().cpu(), second.patched_b[key].double().cpu()
-            b_diff = max(b_diff, float(torch.linalg.norm(p - q) / torch.linalg.norm(p).clamp_min(1e-30)))
-        ok = (same_modules and same_selection and same_keys and not undefined_mismatch and cos_diff <= COS_TOL
-              and b_diff <= B_TOL)
-        results[name] = {
-            "layers": len(first.layers), "selected": sum(x.selected for x in first.layers),
-            "max_cosine_diff": cos_diff, "undefined_mismatch": undefined_mismatch, "same_modules": same_modules,
-            "same_selection": same_selection, "same_patched_keys": same_keys, "max_rel_b_diff": b_diff,
-            "seconds": {d: runs[d + "_s"] for d in devices}, "devices": [first.device, second.device], "ok": ok,
-        }
-    return results
-
-
-def child_main(argv: list[str]) -> int:
-    """Entry point of the child steps: `_env`, `_trio ROOT SHAPE_JSON PER_SHARD`, `_agree ROOT DEV DEV`."""
-    step = argv[0]
-    if step == "_env":
-        out: object = env_info()
-    elif step == "_trio":
-        out = make_trio(Path(argv[1]), json.loads(argv[2]), int(argv[3]))
-    elif step == "_agree":
-        out = agreement(Path(argv[1]), (argv[2], argv[3]))
-    else:
-        raise SystemExit(f"unknown step {step}")
-    print(json.dumps(out))
-    return 0
-
-
-# GPU peak memory of one (b) run: the CLI run in-process, torch's peak allocation written at exit.
-PEAK_WRAPPER = """
-import atexit, json, os, sys
-import torch
-def _report():
-    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-    with open(os.environ["GPU_CHECK_PEAK_FILE"], "w") as fh:
-        json.dump({"max_memory_allocated": peak}, fh)
-atexit.register(_report)
-sys.argv = ["safelora", *sys.argv[1:]]
-from safelora_cli.cli import main
-main()
-"""
-
-
-# ---------------------------------------------------------------- the orchestrating process
-
-
-def summary(samples: list[bm.Sample]) -> dict[str, float]:
-    walls = [s.wall_s for s in samples]
-    return {"runs": len(samples), "wall_s_median": statistics.median(walls), "wall_s_min": min(walls),
-            "wall_s_max": max(walls), "peak_rss_gb_median": statistics.median(s.peak_rss for s in samples) / GB,
-            "peak_rss_gb_max": max(s.peak_rss for s in samples) / GB,
-            "peak_anon_gb_median": statistics.median(s.peak_anon for s in samples) / GB,
-            "peak_anon_gb_max": max(s.peak_anon for s in samples) / GB}
-
-
-def safelora_command() -> list[str]:
-    script = Path(PY).parent / "safelora"
-    return [str(script)] if script.is_file() else [PY, "-m", "safelora_cli"]
-
-
-class Budget:
-    def __init__(self, seconds: float) -> None:
-        self.end = T0 + seconds
-
-    def left(self) -> float:
-        return self.end - time.perf_counter()
-
-    def allows(self, estimate: float, what: str, skipped: list[str]) -> bool:
-        if estimate <= self.left():
-            return True
-        skipped.append(f"{what}: skipped, about {estimate:.0f} s needed and {max(self.left(), 0):.0f} s left "
-                       "of the time budget")
-        say(skipped[-1])
-        return False
-
-
-def measure_rows(root: Path, device: str, repeat: int, budget: Budget, work: Path,
-                 skipped: list[str]) -> tuple[dict[str, object], dict[str, object]]:
-    """Rows (0), (a), (b) on `device`, warm then cold, then (b) on the CPU; (rows, extra facts)."""
-    base, aligned, adapter = bench_data.trio_dirs(root)
-    groups = bench_data.needed_tensors(root)
-    manifest = work / "manifest.json"
-    manifest.write_text(json.dumps(groups))
-    patch = [*safelora_command(), "patch", "--base", str(base), "--aligned", str(aligned), "--adapter", str(adapter),
-             "--out", str(work / "patched"), "--force", "--quiet", "--device"]
-    init = "import torch, safetensors.torch" + (f"; torch.zeros(1, device={device!r})" if device != "cpu" else "")
-    cmds = {"startup": [PY, "-c", init], "a": [PY, str(HERE / "io_floor.py"), str(manifest)],
-            "b": [*patch, device]}
-    env = child_env()
-    extra: dict[str, object] = {"needed_gb": bench_data.needed_bytes(groups) / GB,
-                                "model_gb": sum(p.stat().st_size for p in base.glob("*.safetensors")) / GB}
-
-    say(f"warm-up: one untimed run of each row ({', '.join(cmds)})")
-    first: dict[str, float] = {}
-    for key, cmd in cmds.items():
-        peak_file = work / "gpu-peak.json"
-        if key == "b":  # this run also records the GPU's peak allocation
-            cmd = [PY, "-c", PEAK_WRAPPER, *cmd[len(safelora_command()):]]
-        sample = bm.run(cmd, env={**env, "GPU_CHECK_PEAK_FILE": str(peak_file)}, cwd=work)
-        first[key] = sample.wall_s
-        say(f"  {key}: {sample.wall_s:.2f} s")
-        if key == "b" and peak_file.is_file():
-            peak = json.loads(peak_file.read_text())["max_memory_allocated"]
-            extra["b_gpu_max_memory_allocated_gb"] = peak / GB if peak is not None else None
-    rows: dict[str, object] = {}
-    warm: dict[str, list[bm.Sample]] = {k: [] for k in cmds}
-    for i in range(repeat):
-        if not budget.allows(sum(first.values()) * 1.2, f"warm repetition {i + 1}", skipped):
-            break
-        say(f"warm repetition {i + 1}/{repeat}")
-        for key, cmd in cmds.items():
-            warm[key].append(bm.run(cmd, env=env, cwd=work))
-            say(f"  {key}: {warm[key][-1].wall_s:.2f} s")
-    rows.update({f"{k} warm": summary(s) for k, s in warm.items() if s})
-
-    works, evidence = bm.check_drop_caches(sorted(base.glob("*.safetensors"))[:1])
-    extra["drop_caches"] = evidence
-    say(f"cold rows: {evidence}")
-    if works:
-        cold: dict[str, list[bm.Sample]] = {"a": [], "b": []}
-        estimate = extra["needed_gb"] / 1.0 + first["b"] + 5  # type: ignore[operator]  # ~1 GB/s from disk
-        for i in range(repeat):
-            if not budget.allows(2 * estimate, f"cold repetition {i + 1}", skipped):
-                break
-            say(f"cold repetition {i + 1}/{repeat}")
-            for key in cold:
-                bm.drop_page_cache()
-                cold[key].append(bm.run(cmds[key], env=env, cwd=work))
-                say(f"  {key}: {cold[key][-1].wall_s:.2f} s")
-        rows.update({f"{k} cold": summary(s) for k, s in cold.items() if s})
-
-    # (b) on the CPU for comparison, while the budget lasts (in a rehearsal it repeats (b), to try the step).
-    bm.read_files(sorted(p for d in (base, aligned, adapter) for p in d.iterdir() if p.is_file()))
-    cpu_runs: list[bm.Sample] = []
-    estimate = 30.0
-    for i in range(repeat):
-        if not budget.allows(estimate * 1.2, f"(b) --device cpu, run {i + 1}", skipped):
-            break
-        cpu_runs.append(bm.run([*patch, "cpu"], env=env, cwd=work))
-        estimate = cpu_runs[-1].wall_s
-        say(f"(b) --device cpu, warm, run {i + 1}/{repeat}: {estimate:.2f} s")
-    if cpu_runs:
-        rows["b_cpu warm"] = summary(cpu_runs)
-    return rows, extra
-
-
-LABELS = {
-    "startup": "(0) start-up: import torch, safetensors{init}",
-    "a": "(a) I/O floor: read the needed tensors",
-    "b": "(b) `safelora patch --device {device}`",
-    "b_cpu": "(b) on the CPU, for comparison: `safelora patch --device cpu`",
-}
-
-
-def markdown(result: dict) -> str:  # type: ignore[type-arg]
-    env, device = result["environment"], result["device"]
-    lines = [
-        f"# GPU check{' (rehearsal: tiny shapes, CPU on both sides)' if result['rehearse'] else ''}",
-        "",
-        f"Run {result['date']} (UTC); {result['machine']['nproc']} CPUs ({result['machine']['cpu']}), "
-        f"{result['machine']['ram']} RAM; GPU: {env.get('gpu', 'none')}"
-        + (f" ({env.get('gpu_memory_gb')} GB, compute capability {env.get('capability')})" if env.get("gpu") else "")
-        + f"; torch {env['torch']} (CUDA {env.get('cuda_version')}); safelora-cli {env['safelora_cli']}"
-        + (f" at commit {result['commit']}" if result.get("commit") else "") + f"; total {result['total_s']:.0f} s.",
-        "",
-        f"## {' vs '.join(result['agreement_devices'])}: `safelora_cli.pipeline.analyze` on the same trio",
-        "",
-        f"Trio: {result['agreement_trio']}.",
-        "",
-        f"| rule | layers | selected | max cosine difference (≤ {COS_TOL:g}) | same selection | max relative "
-        f"difference of patched B (≤ {B_TOL:g}) | {' / '.join(result['agreement_devices'])} time (s) | ok |",
-        "|---|---:|---:|---:|---|---:|---:|---|",
-    ]
-    for name, r in result["agreement"].items():
-        secs = " / ".join(f"{r['seconds'][d]:.2f}" for d in result["agreement_devices"])
-        lines.append(f"| {name} | {r['layers']} | {r['selected']} | {r['max_cosine_diff']:.1e} | "
-                     f"{'yes' if r['same_selection'] and r['same_patched_keys'] else '**no**'} | "
-                     f"{r['max_rel_b_diff']:.1e} | {secs} | {'yes' if r['ok'] else '**no**'} |")
-    extra = result["extra"]
-    lines += [
-        "",
-        f"## Speed: {result['speed_trio']}",
-        "",
-        f"A patch reads {extra['needed_gb']:.2f} GB (base and aligned weights of the adapted modules, and the "
-        f"adapter) of the {2 * extra['model_gb']:.2f} GB of both models. "
-        f"Medians of up to {result['repeat']} runs per row, each a fresh process.",
-        "",
-        "| row | page cache | runs | wall, median (s) | wall, min–max (s) | peak RSS, median (GB) | "
-        "peak anon RSS, median (max) (GB) |",
-        "|---|---|---:|---:|---:|---:|---:|",
-    ]
-    init = ", CUDA initialised" if device != "cpu" else ""
-    for key, row in result["rows"].items():
-        name, cache = key.split(" ")
-        label = LABELS[name].format(init=init, device=device)
-        lines.append(f"| {label} | {cache} | {row['runs']} | {row['wall_s_median']:.2f} | "
-                     f"{row['wall_s_min']:.2f}–{row['wall_s_max']:.2f} | {row['peak_rss_gb_median']:.2f} | "
-                     f"{row['peak_anon_gb_median']:.2f} ({row['peak_anon_gb_max']:.2f}) |")
-    rows = result["rows"]
-    lines.append("")
-    facts = []
-    wall = {key: row["wall_s_median"] for key, row in rows.items()}
-    for cache in ("warm", "cold"):
-        if f"a {cache}" in wall and f"b {cache}" in wall:
-            facts.append(f"(b)/(a) wall time, {cache}: {wall[f'b {cache}'] / wall[f'a {cache}']:.2f}×")
-    if "b warm" in wall and "startup warm" in wall:
-        facts.append(f"(b) warm, less the start-up row: {wall['b warm'] - wall['startup warm']:.2f} s")
-    if "b_cpu warm" in wall and "b warm" in wall:
-        facts.append(f"(b) on the CPU / (b) on {device}, warm: {wall['b_cpu warm'] / wall['b warm']:.1f}×")
-    if extra.get("b_gpu_max_memory_allocated_gb") is not None:
-        facts.append(f"(b) peak GPU memory allocated by torch: {extra['b_gpu_max_memory_allocated_gb']:.2f} GB")
-    facts.append(f"Cold rows: {extra.get('drop_caches', 'not tried')}")
-    facts += result["skipped"]
-    if result.get("generated_s"):
-        facts.append(f"The speed trio was generated in {result['generated_s']:.1f} s by this run")
-    lines += [f"- {f}." for f in facts]
-    lines += ["", f"Agreement: {'all rules pass' if result['agreement_ok'] else '**FAILED**'}.", ""]
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0].startswith("_"):
-        return child_main(argv)
+def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--out", required=True, help="directory for gpu-check.json and gpu-check.md")
     parser.add_argument("--rehearse", action="store_true", help="tiny shapes, CPU on both sides (no GPU needed)")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per row (default 3)")
+    parser.add_argument("--repeat", type=int, default=None, help="runs per row (default 3; 1 with --rehearse)")
     parser.add_argument("--budget-s", type=float, default=450, help="time budget in seconds (default 450)")
+    parser.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
     parser.add_argument("--data-dir", default=None,
                         help="where the trios are generated and kept (default: bench-data/gpu-check in the "
                              "repository, or bench-data/gpu-rehearse with --rehearse)")
     args = parser.parse_args(argv)
+    unknown = set(args.steps.split(",")) - set(STEPS)
+    if unknown:
+        parser.error(f"unknown steps {sorted(unknown)}; choose from {','.join(STEPS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    mode = "rehearse" if args.rehearse else "gpu"
-    data_dir = Path(args.data_dir or REPO / "bench-data" / f"gpu-{'rehearse' if args.rehearse else 'check'}")
-    data_dir.mkdir(parents=True, exist_ok=True)
-    budget = Budget(args.budget_s)
-    skipped: list[str] = []
-
-    say(f"gpu_check ({mode}): results go to {out}, data to {data_dir}")
-    env = json.loads(child("_env"))
+    run = Run(args)
+    say(f"gpu_check ({run.mode}): results go to {out}, data to {run.data}, budget {args.budget_s:.0f} s")
+    env = child("_env")
     say(f"environment: {json.dumps(env)}")
-    device = "cpu" if args.rehearse else "cuda"
-    if device == "cuda" and not env["cuda_available"]:
+    if run.device == "cuda" and not env["cuda_available"]:
         raise SystemExit("no CUDA device is visible to torch; run with --rehearse to try the steps on the CPU")
-    agree_shape, speed_shape = SHAPES[mode]
-
-    say("step 1/3: CPU vs GPU agreement (making the small trio first)")
-    agree_root = data_dir / "agree"
-    child("_trio", str(agree_root), json.dumps(agree_shape), str(per_shard(agree_shape)))
-    devices = ("cpu", device)
-    agree = json.loads(child("_agree", str(agree_root), *devices))
-    for name, r in agree.items():
-        say(f"  {name}: max cosine diff {r['max_cosine_diff']:.1e}, same selection {r['same_selection']}, "
-            f"max rel B diff {r['max_rel_b_diff']:.1e}, ok {r['ok']}")
-    agreement_ok = all(r["ok"] for r in agree.values())
-
-    say("step 2/3: the speed trio (generated once, then kept)")
-    speed_root = data_dir / "speed"
-    gen = json.loads(child("_trio", str(speed_root), json.dumps(speed_shape), str(per_shard(speed_shape))))
-    if gen["generated_s"] is not None:
-        say(f"  generated in {gen['generated_s']:.0f} s")
-
-    say(f"step 3/3: rows (a) and (b) on {device}, warm then cold, {args.repeat} runs each")
-    work = data_dir / "work"
-    work.mkdir(exist_ok=True)
-    rows, extra = measure_rows(speed_root, device, args.repeat, budget, work, skipped)
-
-    machine = {"nproc": str(os.cpu_count()), "cpu": platform.processor() or platform.machine(), "ram": "?"}
-    with open("/proc/cpuinfo") as fh:
-        machine["cpu"] = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")),
-                              machine["cpu"])
-    machine["ram"] = f"{bm.meminfo_bytes('MemTotal') / 2**30:.0f} GiB"
+    for name, step in (("agree", step_agree), ("speed", step_speed), ("subspace", step_subspace),
+                       ("width", step_width), ("cpu", step_cpu)):
+        if name in run.steps:
+            step(run)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip()
-
-    def describe(shape: dict[str, int]) -> str:
-        shards = -(-shape["layers"] // per_shard(shape))
-        return (f"hidden {shape['hidden']}, MLP {shape['intermediate']}, {shape['layers']} layers, {shards} shards "
-                f"per model, bf16; LoRA r = {RANK} on all seven linear modules")
-
-    result = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "rehearse": args.rehearse,
-        "device": device, "environment": env, "machine": machine, "commit": commit, "repeat": args.repeat,
-        "agreement_devices": list(devices), "agreement_trio": describe(agree_shape),
-        "agreement": agree, "agreement_ok": agreement_ok,
-        "speed_trio": describe(speed_shape), "generated_s": gen["generated_s"],
-        "rows": rows, "extra": extra, "skipped": skipped, "total_s": time.perf_counter() - T0,
-    }
-    (out / "gpu-check.json").write_text(json.dumps(result, indent=1))
-    text = markdown(result)
+    checks = [r["ok"] for key in ("agreement", "subspace") for r in run.result.get(key, {}).values()]  # type: ignore[attr-defined]
+    run.result.update(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), environment=env,
+        machine=machine(), commit=commit, trios={k: describe(v) for k, v in TRIOS[run.mode].items()},
+        agreement_ok=all(checks), skipped=run.skipped, total_s=time.perf_counter() - gpu_rows.T0)
+    (out / "gpu-check.json").write_text(json.dumps(run.result, indent=1))
+    text = markdown(run.result)
     (out / "gpu-check.md").write_text(text)
     print(text, flush=True)
     say(f"wrote {out / 'gpu-check.json'} and {out / 'gpu-check.md'}")
-    return 0 if agreement_ok else 1
+    return 0 if all(checks) else 1
 
 
 if __name__ == "__main__":
