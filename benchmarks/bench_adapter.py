@@ -99,7 +99,8 @@ def main() -> None:
     ensure_data(root)
     commit, env = export_code(args.ref, args.data_dir.absolute())
     print(f"commit {commit}, medians of {args.runs} warm runs, top-K 896 (half the layers)")
-    print("| adapter | size (MB) | peak anon RSS, median (GB) | worst (GB) | peak RSS, median (GB) | wall, median (s) |")
+    print("| adapter | size (MB) | peak anon RSS, median (GB) | worst (GB) | peak RSS, median (GB) "
+          "| wall, median (s) |")
     print("|---|---:|---:|---:|---:|---:|")
     summaries = {}
     for rank in RANKS:
