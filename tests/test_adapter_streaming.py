@@ -221,3 +221,33 @@ def test_top_k_outputs_are_those_of_holding_every_c_b_also_with_ties(llama_trio:
         whole = _outcome(trio, tmp_path / "whole", top_k)
     assert streamed == whole
     assert sum(selected for _, selected, _ in streamed[1]) == min(top_k, 6)
+
+
+# --- DoRA: magnitudes from row blocks of W_aligned
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_dora_magnitudes_from_row_blocks_equal_the_whole_weight_formula(llama_trio: Trio, transposed: bool,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from safelora_cli import dora
+    from safelora_cli.checkpoint import open_checkpoint
+
+    key = "model.layers.1.mlp.down_proj.weight"  # stored (32, 48)
+    aligned = open_checkpoint(llama_trio.aligned, "aligned")
+    weight = load_file(str(llama_trio.aligned / "model.safetensors"))[key].float()
+    w = weight.T if transposed else weight  # as B·A is laid out
+    gen = torch.Generator().manual_seed(4)
+    a, b = torch.randn(4, w.shape[1], generator=gen), torch.randn(w.shape[0], 4, generator=gen)
+    plan = LayerPlan("m", 1, "a", "b", key, tuple(w.shape), 4, 0.5, transposed=transposed, magnitude_key="m")
+    tensors = {"a": a, "m": torch.zeros(w.shape[0], dtype=torch.float64)}
+    monkeypatch.setattr(dora, "CHUNK_BYTES", 5 * weight.shape[1] * 2)  # 5 rows a block: 7 blocks, the last short
+    reads: list[tuple[int, int]] = []
+    real = dora.TensorStream.read_rows
+    monkeypatch.setattr(dora.TensorStream, "read_rows",
+                        lambda self, ckpt, k, start, stop, buffer=None: reads.append((start, stop))
+                        or real(self, ckpt, k, start, stop, buffer))
+    got = dora.recompute_magnitudes([(plan, b)], tensors, aligned, torch.device("cpu"))["m"]
+    assert reads == [(s, s + 5) for s in range(0, weight.shape[0], 5)]
+    assert got.dtype == torch.float64
+    expected = torch.linalg.vector_norm(w.double() + 0.5 * (b.double() @ a.double()), dim=1)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
