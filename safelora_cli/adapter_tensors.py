@@ -38,6 +38,10 @@ class AdapterTensors(Mapping[str, torch.Tensor]):
         """What a writer copies for an untouched tensor: its bytes in the file, or a mapped tensor."""
         raise NotImplementedError
 
+    def __contains__(self, key: object) -> bool:
+        # Mapping's own `in` would read the tensor to find out.
+        return key in set(self)
+
 
 class SafetensorsTensors(AdapterTensors):
     """The tensors of an `adapter_model.safetensors`, each read by `pread` from its byte range."""
@@ -54,6 +58,9 @@ class SafetensorsTensors(AdapterTensors):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._layout)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._layout
 
     def __len__(self) -> int:
         return len(self._layout)
@@ -91,6 +98,9 @@ class PickledTensors(AdapterTensors):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._state)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._state
 
     def __len__(self) -> int:
         return len(self._state)

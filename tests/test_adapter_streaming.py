@@ -62,11 +62,14 @@ def test_loading_reads_no_tensor_data_and_each_access_reads_the_file(llama_trio:
     real = adapter_tensors.read_stored
     monkeypatch.setattr(adapter_tensors, "read_stored", lambda stored: reads.append(stored.key) or real(stored))
     adapter = load_adapter(llama_trio.adapter)
-    assert reads == []
     key = adapter.modules[0].b_key
+    stored = load_file(str(llama_trio.adapter / WEIGHTS))
+    assert key in adapter.tensors and "missing" not in adapter.tensors and len(adapter.tensors) == len(stored)
+    assert adapter.tensors.shape(key) == tuple(stored[key].shape) and adapter.tensors.dtype(key) == "F32"
+    assert reads == []
     first, second = adapter.tensors[key], adapter.tensors[key]
     assert reads == [key, key]  # nothing cached
-    assert torch.equal(first, load_file(str(llama_trio.adapter / WEIGHTS))[key])
+    assert torch.equal(first, stored[key])
     assert first.data_ptr() != second.data_ptr()
 
 
