@@ -30,8 +30,10 @@ demo: install
 	$(BIN)/safelora patch --base demo/base --aligned demo/aligned --adapter demo/adapter --out demo/patched
 	$(BIN)/safelora inspect --base demo/base --aligned demo/aligned --adapter demo/adapter --sort cosine
 
+# bench_adapter.py: peak memory with an r = 8 and an r = 64 adapter on the same models (~4 GB of data).
 bench: install
 	$(BIN)/python benchmarks/bench_patch.py
+	$(BIN)/python benchmarks/bench_adapter.py bench-data
 
 # Does patching restore refusals and keep the task? Trains a toy trio, patches, evaluates (docs/effect.md).
 # `install` brings transformers and peft (the eval extra) with the test extra.

@@ -7,9 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from safelora_cli import file_kind, pickled_io
+from safelora_cli import file_kind
 from safelora_cli.adapter_config import (  # noqa: F401  (AdapterConfig and _pattern_value are re-exported)
     CONFIG_NAME,
     AdapterConfig,
@@ -17,8 +15,8 @@ from safelora_cli.adapter_config import (  # noqa: F401  (AdapterConfig and _pat
     parse_config,
     read_config,
 )
+from safelora_cli.adapter_tensors import AdapterTensors, PickledTensors, SafetensorsTensors
 from safelora_cli.errors import InputError, UnsupportedError, format_keys
-from safelora_cli.safetensors_io import dtype_name, read_all_tensors, read_header
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
@@ -60,17 +58,19 @@ class LoraModule:
 
 @dataclass(frozen=True)
 class Adapter:
-    """An adapter directory loaded in memory (adapters are small).
+    """An adapter directory: its config, and its tensors read from the file when asked for.
 
-    `path` is the directory holding the chosen adapter's files; `root` the directory the user
-    passed and `name` the subfolder chosen with --adapter-name (PEFT saves a non-default adapter
-    in a subfolder named after it).
+    `tensors` reads each tensor from the weights file on every access and keeps none (see
+    `adapter_tensors`: a large adapter need not fit in memory beside the weights). `path` is
+    the directory holding the chosen adapter's files; `root` the directory the user passed and
+    `name` the subfolder chosen with --adapter-name (PEFT saves a non-default adapter in a
+    subfolder named after it).
     """
 
     path: Path
     config: AdapterConfig
     raw_config: dict[str, Any]
-    tensors: dict[str, torch.Tensor]
+    tensors: AdapterTensors
     metadata: dict[str, str]
     modules: list[LoraModule]
     other_keys: list[str]
@@ -195,18 +195,18 @@ def locate_adapter(path: Path, name: str | None) -> Path:
     return path
 
 
-def _check_module(module: LoraModule, tensors: dict[str, torch.Tensor], config: AdapterConfig, path: Path) -> None:
-    """Shapes and the config's rank; DoRA magnitudes present exactly when use_dora says so."""
-    a, b = tensors[module.a_key], tensors[module.b_key]
-    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+def _check_module(module: LoraModule, tensors: AdapterTensors, config: AdapterConfig, path: Path) -> None:
+    """Shapes (from the header) and the config's rank; DoRA magnitudes present exactly when use_dora says so."""
+    a, b = tensors.shape(module.a_key), tensors.shape(module.b_key)
+    if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
         raise InputError(
-            f"{path}: {module.module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
+            f"{path}: {module.module} has lora_A {a} and lora_B {b}; "
             "expected (r, in) and (out, r) with the same r."
         )
     expected_rank = config.rank(module.module)
-    if a.shape[0] != expected_rank:
+    if a[0] != expected_rank:
         raise InputError(
-            f"{path}: {module.module} has rank {a.shape[0]} but {CONFIG_NAME} gives it r = {expected_rank} "
+            f"{path}: {module.module} has rank {a[0]} but {CONFIG_NAME} gives it r = {expected_rank} "
             "(r / rank_pattern); PEFT could not load this adapter.",
             hint="Use the adapter_config.json that was saved with these weights.",
         )
@@ -214,10 +214,10 @@ def _check_module(module: LoraModule, tensors: dict[str, torch.Tensor], config: 
         raise InputError(f"{path} is a DoRA adapter (use_dora: true) but {module.module} has no lora_magnitude_vector.")
     if not config.use_dora and module.magnitude_key is not None:
         raise InputError(f"{path}: {module.module} has a DoRA lora_magnitude_vector but use_dora is false.")
-    if module.magnitude_key is not None and tuple(tensors[module.magnitude_key].shape) != (b.shape[0],):
+    if module.magnitude_key is not None and tensors.shape(module.magnitude_key) != (b[0],):
         raise InputError(
-            f"{path}: {module.module} has lora_magnitude_vector {tuple(tensors[module.magnitude_key].shape)}; "
-            f"expected ({b.shape[0]},), one entry per output row."
+            f"{path}: {module.module} has lora_magnitude_vector {tensors.shape(module.magnitude_key)}; "
+            f"expected ({b[0]},), one entry per output row."
         )
 
 
@@ -237,23 +237,18 @@ def _refuse_tied_factors(config: AdapterConfig, modules: list[LoraModule], path:
         )
 
 
-def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], list[LoraModule], list[str]]:
-    """Tensors, metadata, modules and other keys; LoRA keys and dtypes are checked before any data is read."""
+def _read_weights(path: Path) -> tuple[AdapterTensors, dict[str, str], list[LoraModule], list[str]]:
+    """Tensors (read lazily), metadata, modules and other keys, from the header: no tensor data is read."""
     weights, legacy = path / WEIGHTS_NAME, path / LEGACY_WEIGHTS_NAME
     file_kind.refuse_irregular(weights)
     file_kind.refuse_irregular(legacy)
     # Like PEFT: safetensors when both exist; the pickle only through weights_only loading.
-    if weights.is_file():
-        header = read_header(weights)
-        modules, other = split_keys(list(header), weights)
-        check_dtypes(modules, {key: dtype for key, (_shape, dtype) in header.items()}, weights)
-        tensors, metadata = read_all_tensors(weights)
-        return tensors, metadata, modules, other
-    if legacy.is_file():
-        tensors = pickled_io.read_all_tensors(legacy)
-        modules, other = split_keys(list(tensors), legacy)
-        check_dtypes(modules, {key: dtype_name(t.dtype) for key, t in tensors.items()}, legacy)
-        return tensors, {}, modules, other
+    if weights.is_file() or legacy.is_file():
+        tensors: AdapterTensors = SafetensorsTensors(weights) if weights.is_file() else PickledTensors(legacy)
+        modules, other = split_keys(list(tensors), tensors.path)
+        check_dtypes(modules, {key: tensors.dtype(key) for key in tensors}, tensors.path)
+        tensors.check_loadable()
+        return tensors, tensors.metadata, modules, other
     raise InputError(f"{path} has {CONFIG_NAME} but no {WEIGHTS_NAME} (nor {LEGACY_WEIGHTS_NAME}).")
 
 

@@ -7,6 +7,7 @@ the module is analysed from them. Nothing here writes or reports; see `pipeline`
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -58,6 +59,7 @@ class Job:
     adapter: Adapter
     plans: list[LayerPlan]
     maths: dict[int, LayerMath] = field(default_factory=dict)
+    held: list[tuple[float, int]] = field(default_factory=list)  # top-K: see _retain_top_k
 
     def plans_for(self, key: str) -> list[tuple[int, LayerPlan]]:
         # Several modules can share a weight (tied embeddings), so this is a list.
@@ -133,36 +135,57 @@ def _checked(math_: LayerMath, plan: LayerPlan, adapter: Adapter) -> LayerMath:
     return math_
 
 
+def _read_factors(adapter: Adapter, plan: LayerPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """lora_A and lora_B of one layer, read from the adapter file now and checked as they arrive."""
+    factors = {k: adapter.tensors[k] for k in (plan.a_key, plan.b_key)}
+    check_finite(factors, f"the adapter {adapter.path}")
+    _check_range(factors, plan, adapter)
+    return factors[plan.a_key], factors[plan.b_key]
+
+
+def _retain_top_k(job: Job, index: int, top_k: int | None) -> None:
+    """Top-K: hold C·B for at most K layers, the K smallest (cosine, layer index) seen so far.
+
+    `select` takes the K smallest (cosine, index) of all layers; a layer among those is among the
+    K smallest of any subset holding it, so no C·B it will use is dropped here, whatever order
+    the layers arrive in. `job.held` is a heap of (−cosine, −index): its top is the one to drop.
+    """
+    math_ = job.maths[index]
+    if top_k is None or math_.projected_b is None or math_.cosine is None:
+        return
+    heapq.heappush(job.held, (-math_.cosine, -index))
+    if len(job.held) > top_k:
+        _, dropped = heapq.heappop(job.held)
+        job.maths[-dropped] = replace(job.maths[-dropped], projected_b=None)
+
+
 def _analyze_weight(key: str, w_base: Weight, w_aligned: Weight, jobs: list[Job],
                     models: tuple[Checkpoint, Checkpoint], method: Method) -> None:
     """Every adapter's layers on one weight: V and its projection once, the B's side by side."""
     targets = [(job, i, plan) for job in jobs for i, plan in job.plans_for(key)]
     for transposed in sorted({plan.transposed for _, _, plan in targets}):
         group = [t for t in targets if t[2].transposed == transposed]
-        bs = [job.adapter.tensors[plan.b_key].to(w_base.device, torch.float32) for job, _, plan in group]
+        factors = [_read_factors(job.adapter, plan) for job, _, plan in group]
+        bs = [lora_b.to(w_base.device, torch.float32) for _, lora_b in factors]
         projected = _project(key, w_base, w_aligned, transposed, bs, method.projection, models)
+        del bs
         cbs: list[torch.Tensor | None] = list(projected.cbs) if projected.cbs is not None else [None] * len(group)
         vtbs: list[torch.Tensor | None] = list(projected.vtbs) if projected.vtbs is not None else [None] * len(group)
-        for (job, i, plan), cb, vtb in zip(group, cbs, vtbs, strict=True):
-            lora_a, lora_b = job.adapter.tensors[plan.a_key], job.adapter.tensors[plan.b_key]
+        for (job, i, plan), (lora_a, lora_b), cb, vtb in zip(group, factors, cbs, vtbs, strict=True):
             math_ = _checked(layer_math(projected, lora_a, lora_b, cb, vtb), plan, job.adapter)
             if math_.projected_b is not None:
-                # Keep C·B only where it may be used, in the adapter's own dtype on the host: never
-                # more memory than the adapter's B's.
+                # Keep C·B only where it may be used, in the adapter's own dtype on the host: for a
+                # threshold the layers that pass it, for top-K at most K (see _retain_top_k).
                 kept = could_select(math_.cosine, method.selection)
                 math_ = replace(math_, projected_b=math_.projected_b.to("cpu", lora_b.dtype).contiguous()
                                 if kept else None)
             job.maths[i] = math_
+            _retain_top_k(job, i, method.selection.top_k)
 
 
 def analyze(jobs: list[Job], base: Checkpoint, aligned: Checkpoint, method: Method, device: torch.device,
             on_layer: OnLayer | None = None) -> list[Analysis]:
     """Analyse every job's layers in one pass over the weights, then select each job's layers."""
-    for job in jobs:
-        for plan in job.plans:
-            factors = {k: job.adapter.tensors[k] for k in (plan.a_key, plan.b_key)}
-            check_finite(factors, f"the adapter {job.adapter.path}")
-            _check_range(factors, plan, job.adapter)
     keys = disk_order(sorted({p.weight_key for job in jobs for p in job.plans}), base)
     with Prefetcher(keys, base, aligned, device) as fetched:
         for done, item in enumerate(fetched, start=1):

@@ -60,11 +60,6 @@ def read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     return {key: (tuple(t.shape), dtype_name(t.dtype)) for key, t in load_state_dict(path).items()}
 
 
-def read_all_tensors(path: Path) -> StateDict:
-    """Every tensor of a (small) file as independent memory: nothing keeps the file mapped."""
-    return {key: tensor.clone() for key, tensor in load_state_dict(path).items()}
-
-
 def take(state: StateDict, key: str, path: Path) -> torch.Tensor:
     """One tensor copied out of a mapped state dict, so the mapping can be released afterwards."""
     tensor = state.get(key)

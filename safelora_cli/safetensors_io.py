@@ -13,9 +13,10 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -148,34 +149,153 @@ def dtype_name(dtype: torch.dtype) -> str:
     return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
 
 
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write a safetensors file whose bytes depend only on its contents.
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor's bytes lie in a safetensors file: copied as they are, never decoded.
+
+    `dtype` and `shape` are the header's (a packed F4 tensor counts its F4 values); `start` and
+    `stop` are absolute offsets in the file.
+    """
+
+    path: Path
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    stop: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.stop - self.start
+
+
+def read_layout(path: Path) -> tuple[dict[str, StoredTensor], dict[str, str]]:
+    """Every tensor's place in `path`, and the file's metadata, from the header alone.
+
+    The file is opened with the safetensors library first, which validates the header (offsets
+    inside the file, no overlaps) that the byte ranges here are then read from.
+
+    Raises:
+        InputError: the file is not a readable safetensors file.
+    """
+    with open_safetensors(path) as handle:
+        metadata = dict(handle.metadata() or {})
+    try:
+        with open(path, "rb") as file:
+            (size,) = struct.unpack("<Q", file.read(8))
+            header = json.loads(file.read(size))
+    except (OSError, ValueError, struct.error) as exc:
+        raise InputError(f"{path} is not a readable safetensors file ({exc}).") from None
+    header.pop("__metadata__", None)
+    start = 8 + size
+    layout = {key: StoredTensor(path, key, entry["dtype"], tuple(entry["shape"]), start + entry["data_offsets"][0],
+                                start + entry["data_offsets"][1]) for key, entry in header.items()}
+    return layout, metadata
+
+
+def refuse_unloadable(layout: Mapping[str, StoredTensor]) -> None:
+    """Every tensor must be in a dtype this PyTorch can hold, since each is read back to verify a written file.
+
+    Raises:
+        InputError: naming the first tensor in another dtype (e.g. F6_E2M3).
+    """
+    for stored in layout.values():
+        if stored.dtype not in _TORCH_DTYPES:
+            raise InputError(f"{stored.path}: tensor {stored.key} is stored as {stored.dtype}, a dtype PyTorch "
+                             f"{torch.__version__} cannot load.",
+                             hint="Convert that tensor to a dtype PyTorch supports.")
+
+
+def _pread_into(fd: int, view: memoryview, position: int, stored: StoredTensor) -> None:
+    done = 0
+    while done < len(view):
+        try:
+            got = os.preadv(fd, [view[done:]], position + done)
+        except OSError as exc:
+            raise InputError(f"Cannot read tensor {stored.key} from {stored.path}: {exc.strerror or exc}.") from None
+        if got <= 0:
+            raise InputError(f"Cannot read tensor {stored.key} from {stored.path}: the file ends early.",
+                             hint="The file may be truncated; download or save it again.")
+        done += got
+
+
+def read_stored(stored: StoredTensor) -> torch.Tensor:
+    """The tensor at `stored`, read with `pread` into fresh memory (the file is opened for this read only)."""
+    data = torch.empty(stored.nbytes, dtype=torch.uint8)
+    try:
+        fd = os.open(stored.path, os.O_RDONLY)
+    except OSError as exc:
+        raise InputError(f"Cannot read tensor {stored.key} from {stored.path}: {exc.strerror or exc}.") from None
+    try:
+        _pread_into(fd, data.numpy().data, stored.start, stored)
+    finally:
+        os.close(fd)
+    shape = list(stored.shape)
+    if stored.dtype in _PACKED and shape:
+        shape[-1] //= _PACKED[stored.dtype]
+    return data.view(torch_dtype(stored.dtype)).view(shape)
+
+
+def _entry(key: str, value: torch.Tensor | StoredTensor) -> tuple[str, list[int], int]:
+    """(dtype name, header shape, bytes) of one tensor to write."""
+    if isinstance(value, StoredTensor):
+        return value.dtype, list(value.shape), value.nbytes
+    name = _DTYPE_NAMES.get(value.dtype)
+    if name is None:  # a bug: tensors come from files torch and safetensors both read
+        raise TypeError(f"{key}: safetensors has no dtype for {value.dtype}")
+    return name, _header_shape(value, name), value.numel() * value.element_size()
+
+
+def _copy_stored(stored: StoredTensor, file: BinaryIO, sources: dict[Path, int], chunk: int) -> None:
+    """Copy `stored`'s byte range into `file` in chunks of at most `chunk` bytes."""
+    if stored.path not in sources:
+        try:
+            sources[stored.path] = os.open(stored.path, os.O_RDONLY)
+        except OSError as exc:
+            raise InputError(f"Cannot read tensor {stored.key} from {stored.path}: {exc.strerror or exc}.") from None
+    buffer = memoryview(bytearray(min(chunk, stored.nbytes)))
+    for position in range(stored.start, stored.stop, chunk):
+        view = buffer[: min(chunk, stored.stop - position)]
+        _pread_into(sources[stored.path], view, position, stored)
+        file.write(view)
+
+
+def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor | StoredTensor], metadata: dict[str, str],
+                      chunk: int = 8 << 20) -> None:
+    """Write a safetensors file whose bytes depend only on its contents, one tensor at a time.
 
     `safetensors.save_file` serialises metadata in hash-map order, so two identical runs can
-    differ byte for byte; here header keys are sorted and tensors laid out in name order.
+    differ byte for byte; here header keys are sorted and tensors laid out in name order. The
+    header comes first, from each tensor's dtype and shape; then the data: a `StoredTensor` is
+    copied from its file in chunks of `chunk` bytes without being decoded, a tensor from its
+    memory. So memory holds no more than one chunk besides the tensors passed in.
     The result is read back by the safetensors library (see writer._verify) before use.
     """
     header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
     offset = 0
     ordered = sorted(tensors)
     for key in ordered:
-        tensor = tensors[key]
-        size = tensor.numel() * tensor.element_size()
-        name = _DTYPE_NAMES.get(tensor.dtype)
-        if name is None:  # a bug: tensors come from files torch and safetensors both read
-            raise TypeError(f"{key}: safetensors has no dtype for {tensor.dtype}")
-        header[key] = {"dtype": name, "shape": _header_shape(tensor, name), "data_offsets": [offset, offset + size]}
+        name, shape, size = _entry(key, tensors[key])
+        header[key] = {"dtype": name, "shape": shape, "data_offsets": [offset, offset + size]}
         offset += size
     encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     encoded += b" " * (-len(encoded) % 8)  # the format pads the header to 8-byte alignment
-    with open(path, "wb") as file:
-        file.write(len(encoded).to_bytes(8, "little"))
-        file.write(encoded)
-        for key in ordered:
-            file.write(tensors[key].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        file.flush()
-        os.fsync(file.fileno())
-
+    sources: dict[Path, int] = {}
+    try:
+        with open(path, "wb") as file:
+            file.write(len(encoded).to_bytes(8, "little"))
+            file.write(encoded)
+            for key in ordered:
+                value = tensors[key]
+                if isinstance(value, StoredTensor):
+                    _copy_stored(value, file, sources, chunk)
+                elif value.numel():
+                    file.write(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data)
+            file.flush()
+            os.fsync(file.fileno())
+    finally:
+        for fd in sources.values():
+            os.close(fd)
 
 
 class RowReader:
