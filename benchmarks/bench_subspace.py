@@ -41,6 +41,13 @@ def _report(cmd: list[str]) -> dict:  # type: ignore[type-arg]
     return json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
 
 
+def _document(out: Path) -> dict:  # type: ignore[type-arg]
+    """The file's header record (read without torch)."""
+    with open(out / "model.safetensors", "rb") as file:
+        size = int.from_bytes(file.read(8), "little")
+        return json.loads(json.loads(file.read(size))["__metadata__"]["safelora_subspace"])
+
+
 def _compare(two: dict, one: dict, low_rank: bool) -> dict[str, object]:  # type: ignore[type-arg]
     pairs = list(zip(two["layers"], one["layers"], strict=True))
     worst = max(abs(a["cosine"] - b["cosine"]) for a, b in pairs)
@@ -84,7 +91,9 @@ def bench(name: str, data_dir: Path, repeat: int, ranks: list[int]) -> list[str]
         agree = f"cosines within {found['max_cos_diff']:.1e}; same selection in {found['same_selection']} of " \
                 f"{found['layers']}"
         if low_rank:
-            agree += f"; largest bound {found['max_bound']:.3f}, {found['undecided']} undecided"
+            kept = [e["energy_kept"] for e in _document(out)["entries"].values()]
+            agree += (f"; largest bound {found['max_bound']:.3f}, {found['undecided']} undecided; C's energy kept "
+                      f"{min(kept):.1%}–{max(kept):.1%}")
         rows.append(f"| {name} | {label} | {size / 1e9:.3f} GB | {written.wall_s:.1f} s | {used.wall_s:.2f} s, "
                     f"{used.peak_anon / 1e9:.2f} GB | {agree} |")
         env.log(rows[-1])

@@ -29,8 +29,10 @@ ENVIRONMENT = """## Environment
 | `HF_ENDPOINT` | the Hub to talk to (a mirror, or a private Hub) |
 | `HF_HOME`, `HF_HUB_CACHE` | where the Hugging Face cache lies (adapters, indexes, `config.json`, whole files) |
 | `HF_HUB_OFFLINE` | `1`: no request at all; everything must already be cached |
-| `SAFELORA_CACHE` | where tensors fetched by range are kept (default `$XDG_CACHE_HOME/safelora`, else `~/.cache/safelora`) |
-| `SAFELORA_HUB_DOWNLOAD` | `tensors` (default): fetch only the needed tensors of a Hub model; `full`: download the shards holding them whole |
+| `SAFELORA_CACHE` | where tensors fetched by range are kept (default `$XDG_CACHE_HOME/safelora`, \
+else `~/.cache/safelora`) |
+| `SAFELORA_HUB_DOWNLOAD` | `tensors` (default): fetch only the needed tensors of a Hub model; `full`: \
+download the shards holding them whole |
 
 See [inputs](inputs.md) for what is downloaded and cached.
 """

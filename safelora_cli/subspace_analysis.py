@@ -22,10 +22,10 @@ from safelora_cli.analysis import (
     LayerResult,
     OnLayer,
     _analyze_weight,
-    _check_range,
     _checked,
     _finish,
-    check_finite,
+    _read_factors,
+    _retain_top_k,
 )
 from safelora_cli.checkpoint import Checkpoint, TensorStream
 from safelora_cli.config import Method, Projection
@@ -79,7 +79,7 @@ def _low_rank_weight(key: str, q: torch.Tensor, subspace: Subspace, jobs: list[J
                 raise InputError(f"The subspace file {subspace.root} holds the factor of {key} for the other "
                                  f"orientation than {plan.module} of {job.adapter.path} needs.",
                                  hint="Write the subspace file with --adapter set to this adapter.")
-            lora_a, lora_b = job.adapter.tensors[plan.a_key], job.adapter.tensors[plan.b_key]
+            lora_a, lora_b = _read_factors(job.adapter, plan)
             low = project_low_rank(q, lora_a, lora_b)
             cb = low.cb if entry.v_norm > 0.0 and q.shape[1] > 0 else None
             math_ = layer_math(Projected(entry.v_norm, None if cb is None else [cb]), lora_a, lora_b, cb)
@@ -93,6 +93,7 @@ def _low_rank_weight(key: str, q: torch.Tensor, subspace: Subspace, jobs: list[J
                 math_ = replace(math_, projected_b=math_.projected_b.to("cpu", lora_b.dtype).contiguous()
                                 if kept else None)
             job.maths[i] = math_
+            _retain_top_k(job, i, method.selection.top_k)
 
 
 def _with_decisions(analysis: Analysis, method: Method) -> Analysis:
@@ -111,11 +112,6 @@ def analyze_subspace(jobs: list[Job], subspace: Subspace, method: Method, device
     if not subspace.exact and method.projection.kind is Projection.EXACT:
         raise UsageError(f"projection exact needs V, and the subspace file {subspace.root} holds a low-rank factor.",
                          hint="Use the paper's projection with it, or an exact subspace file.")
-    for job in jobs:
-        for plan in job.plans:
-            factors = {k: job.adapter.tensors[k] for k in (plan.a_key, plan.b_key)}
-            check_finite(factors, f"the adapter {job.adapter.path}")
-            _check_range(factors, plan, job.adapter)
     checkpoint = subspace.checkpoint
     keys = disk_order(sorted({p.weight_key for job in jobs for p in job.plans}), checkpoint)
     with TensorStream() as stream:
