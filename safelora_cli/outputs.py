@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from safelora_cli.errors import OutputError, UsageError
+from safelora_cli.errors import InputError, OutputError, UsageError
 
 REPORT_NAME = "safelora_report.json"
 NAME_MAX = 255  # bytes per path component on the file systems models live on
@@ -220,6 +220,27 @@ def protected(inputs: dict[str, Path]) -> dict[str, Path]:
              "safelora cache": cache_root().resolve()}
     found.update({name: path.resolve() for name, path in inputs.items()})
     return found
+
+
+def refuse_cache_in_inputs(inputs: dict[str, Path]) -> None:
+    """The tensor cache is written when a Hub model is read by range: it must not lie at, inside or
+    around a local input (SAFELORA_CACHE pointed at a model directory, say), or fetching would write there.
+
+    Raises:
+        InputError: naming the input and the variable.
+    """
+    from safelora_cli.cache_dir import CACHE_ENV, cache_root
+
+    cache = cache_root().resolve()
+    for name, path in inputs.items():
+        source = path.resolve()
+        if name.endswith("cache"):
+            continue
+        if cache == source or _within(cache, source) or _within(source, cache):
+            where = "is" if cache == source else "lies inside" if _within(cache, source) else "contains"
+            raise InputError(f"The safelora tensor cache {cache} {where} the {name} ({source}); fetching Hub "
+                             "tensors would write into an input.",
+                             hint=f"Point {CACHE_ENV} at a directory of its own.")
 
 
 def plan_outputs(out: Path | None, force: bool, report_md: Path | None, plot: Path | None,

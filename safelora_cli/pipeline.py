@@ -20,7 +20,7 @@ from safelora_cli.analysis import Analysis, Job, OnLayer, analyze, resolve_devic
 from safelora_cli.checkpoint import Checkpoint
 from safelora_cli.config import Inputs, Method, Outputs
 from safelora_cli.errors import InputError, SafeLoraError, UsageError
-from safelora_cli.outputs import OutputPlan, plan_outputs, protected
+from safelora_cli.outputs import OutputPlan, plan_outputs, protected, refuse_cache_in_inputs
 from safelora_cli.pairing import needed_weight_keys, pair_layers
 from safelora_cli.placement import make_parents, os_error, remove_created, write_file
 from safelora_cli.report import Report, build_report, text_of_path
@@ -50,14 +50,18 @@ def local_inputs(inputs: Inputs, aligned: tuple[str, str | None] | None,
     found: dict[str, Path] = {}
     models = [("base", inputs.base, inputs.base_revision), ("aligned", *aligned)] if aligned is not None else \
         [("subspace", inputs.subspace, inputs.subspace_revision)]
+    from_hub = False
     for label, spec, revision in models:
         assert spec is not None
         path = parse_spec(spec, revision, label).path  # also refuses a malformed spec before any work
         if path is not None:
             found[f"{label} model" if label != "subspace" else "subspace file"] = path
+        from_hub = from_hub or path is None
     for i, (origin, adapter) in enumerate(adapters):
         label = "adapter" if len(adapters) == 1 else f"adapter {origin.spec}"
         found[label if label not in found else f"{label} ({i + 1})"] = adapter.root or adapter.path
+    if from_hub:
+        refuse_cache_in_inputs(found)
     return protected(found)
 
 

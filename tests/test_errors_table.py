@@ -31,7 +31,7 @@ ELSEWHERE = {"pickle-code", "out-changed", "patched-b-overflow", "factors-too-la
              "subspace-dora",
              # Hub models read by range: the stand-in Hub of tests/test_hub_ranges.py makes them
              "hub-download-mode", "hub-short-read", "hub-range-ignored", "hub-wrong-range", "hub-bad-header",
-             "hub-shard-outside", "hub-cache-unwritable"}
+             "hub-shard-outside", "hub-cache-unwritable", "hub-cache-in-input"}
 Q0 = "model.layers.0.self_attn.q_proj"
 A_KEY, B_KEY = f"base_model.model.{Q0}.lora_A.weight", f"base_model.model.{Q0}.lora_B.weight"
 

@@ -114,3 +114,24 @@ def test_an_unknown_download_mode_is_a_usage_error(hub: HubServer, tmp_path: Pat
     monkeypatch.setenv("SAFELORA_HUB_DOWNLOAD", "some")
     result = run_cli("patch", *HUB_ARGS, "--out", tmp_path / "out", "--quiet")
     documented("hub-download-mode", result.stderr, 2, result.exit_code)
+
+
+@pytest.mark.parametrize("inside", ["base", "adapter"])
+def test_the_tensor_cache_may_not_lie_in_a_local_input(inside: str, llama_trio: Trio, hub: HubServer,
+                                                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A local base or adapter with a Hub aligned model: fetching would write into the local input."""
+    import shutil
+
+    from helpers import tree_digest
+
+    local = tmp_path / "local"
+    for name in ("base", "adapter"):
+        shutil.copytree(getattr(llama_trio, name), local / name)
+    before = tree_digest(local)
+    monkeypatch.setenv("SAFELORA_CACHE", str(local / inside / "cache"))
+    result = run_cli("inspect", "--base", local / "base", "--aligned", "org/aligned", "--adapter", local / "adapter")
+    if inside == "base":
+        documented("hub-cache-in-input", result.stderr, 1, result.exit_code)
+    else:
+        assert result.exit_code == 1 and "lies inside the adapter (" in result.stderr
+    assert tree_digest(local) == before
