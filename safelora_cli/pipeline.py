@@ -26,6 +26,7 @@ from safelora_cli.placement import make_parents, os_error, remove_created, write
 from safelora_cli.report import Report, build_report, text_of_path
 from safelora_cli.result import Result
 from safelora_cli.sources import Origin, aligned_from_adapter, parse_spec, resolve_adapter, resolve_model
+from safelora_cli.subspace_file import refuse_as_model
 from safelora_cli.writer import CopyPlan, plan_copy, provenance, write_patched_adapter
 
 Warn = Callable[[str], None]
@@ -185,6 +186,8 @@ def resolve_models(inputs: Inputs, aligned: tuple[str, str | None],
     model, origin = resolve_model(aligned[0], aligned[1], inputs.token, "aligned", needed)
     origin = replace(origin, from_adapter_config=inputs.aligned is None)
     _refuse_same_model(base_origin, origin)
+    for checkpoint in (base, model):
+        refuse_as_model(checkpoint)
     return Models(base, model, base_origin, origin)
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from safelora_cli.checkpoint import Checkpoint, TensorInfo
-from safelora_cli.errors import InputError
+from safelora_cli.errors import InputError, UsageError
 from safelora_cli.safetensors_io import dtype_name, item_bytes, open_safetensors
 
 FORMAT = "safelora-subspace"
@@ -125,6 +125,22 @@ class StreamingWriter:
 
     def abort(self) -> None:
         self._file.close()
+
+
+def refuse_as_model(checkpoint: Checkpoint) -> None:
+    """A subspace file passed as --base or --aligned would be read as weights (V, or Q, as W): refuse it.
+
+    Raises:
+        UsageError: naming the option to pass it with.
+    """
+    files = sorted({info.file for info in checkpoint.tensors.values() if info.file.suffix == ".safetensors"})
+    if not files:
+        return
+    with open_safetensors(files[0]) as handle:
+        if METADATA_KEY not in (handle.metadata() or {}):
+            return
+    raise UsageError(f"The {checkpoint.label} model {checkpoint.root} is a safelora subspace file, not a model.",
+                     hint="Pass it with --subspace (in place of --base and --aligned).")
 
 
 def written_by_subspace(directory: Path) -> bool:

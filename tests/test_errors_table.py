@@ -309,6 +309,8 @@ SCENARIOS: dict[str, Callable[[Ctx], list[object]]] = {
                                        c.trio.adapter],
     "no-base-no-subspace": lambda c: ["inspect", "--adapter", c.trio.adapter],
     "subspace-not-ours": lambda c: ["inspect", "--subspace", c.trio.aligned, "--adapter", c.trio.adapter],
+    "subspace-as-model": lambda c: ["inspect", "--base", _subspace(c), "--aligned", c.trio.aligned, "--adapter",
+                                    c.trio.adapter],
     "subspace-missing-modules": lambda c: ["inspect", "--subspace", _subspace(c, "--modules", "q_proj"),
                                            "--adapter", c.trio.adapter],
     "subspace-newer-format": lambda c: ["inspect", "--subspace", _edited_subspace(c, lambda d: d.update(version=99)),
