@@ -36,6 +36,7 @@ from safelora_cli.projection import Projected, layer_math
 from safelora_cli.safetensors_io import torch_dtype
 from safelora_cli.selection import could_select
 from safelora_cli.subspace_file import Subspace
+from safelora_cli.subspace_records import check_factor
 
 # Rows of stored V read at once when the compute block is smaller (the CPU's 4 MB blocks).
 _READ_BYTES = 32 << 20
@@ -122,6 +123,9 @@ def analyze_subspace(jobs: list[Job], subspace: Subspace, method: Method, device
                                 method)
             else:
                 q = stream.read(checkpoint, key).to(device, torch.float32)
+                entry = subspace.entries[key]
+                assert entry.v_norm is not None and entry.dropped is not None
+                check_factor(key, q, entry.v_norm, entry.dropped, subspace.root)
                 _low_rank_weight(key, q, subspace, jobs, method)
             if on_layer is not None:
                 on_layer(done, len(keys))

@@ -100,7 +100,8 @@ def _module_keys(modules: tuple[str, ...]) -> Callable[[Collection[str]], set[st
 def _weights(request: SubspaceRequest, models: Models, adapters: list[Any]) -> dict[str, bool]:
     """Each weight key the file will hold → whether the model stores it transposed to its update."""
     if request.modules:
-        keys = sorted(_module_keys(request.modules)(models.base.tensors))
+        keys = sorted(k for k in _module_keys(request.modules)(models.base.tensors)
+                      if len(models.base.tensors[k].shape) == 2)
         if not keys:
             raise InputError(f"The base model {models.base.root} has no weight for the modules "
                              f"{', '.join(request.modules)}.", hint="Name modules as PEFT's target_modules does, "
@@ -110,7 +111,7 @@ def _weights(request: SubspaceRequest, models: Models, adapters: list[Any]) -> d
                 refuse_quantized(model, key)
             if key not in models.aligned.tensors or models.aligned.tensors[key].shape != models.base.tensors[key].shape:
                 raise PairingError(f"{key} is not stored alike in the base and aligned models.")
-        return {key: False for key in keys if len(models.base.tensors[key].shape) == 2}
+        return dict.fromkeys(keys, False)
     found: dict[str, bool] = {}
     for adapter in adapters:
         for plan in pair_layers(adapter, models.base, models.aligned, request.inputs.key_rules):

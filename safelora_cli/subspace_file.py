@@ -26,6 +26,8 @@ import torch
 from safelora_cli.checkpoint import Checkpoint, TensorInfo
 from safelora_cli.errors import InputError, UsageError
 from safelora_cli.safetensors_io import dtype_name, item_bytes, open_safetensors
+from safelora_cli.subspace_records import bad_file as _bad
+from safelora_cli.subspace_records import check_document, check_entry
 
 FORMAT = "safelora-subspace"
 VERSION = 1
@@ -159,23 +161,6 @@ def written_by_subspace(directory: Path) -> bool:
         METADATA_KEY in metadata
 
 
-def _bad(root: Path, why: str) -> InputError:
-    return InputError(f"{root} is not a safelora subspace file: {why}.",
-                      hint="Write one with `safelora subspace --base … --aligned … --adapter … --out DIR`.")
-
-
-def _entry(key: str, record: Any, root: Path) -> Entry:
-    try:
-        shape = tuple(int(d) for d in record["shape"])
-        if len(shape) != 2:
-            raise ValueError("shape must have two dimensions")
-        known = {k: record[k] for k in ("transposed", "v_norm", "rank", "energy_kept", "dropped", "full_rank")
-                 if k in record}
-        return Entry((shape[0], shape[1]), **known)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise _bad(root, f"the record of {key} is malformed ({exc})") from None
-
-
 def open_subspace(root: Path, checkpoint: Checkpoint) -> Subspace:
     """Read the records of a subspace directory whose weights `checkpoint` indexes.
 
@@ -198,7 +183,10 @@ def open_subspace(root: Path, checkpoint: Checkpoint) -> Subspace:
     if not documents:
         raise _bad(root, f"it has no {WEIGHTS_FILE}")
     first = documents[0]
-    if not isinstance(first.get("version"), int) or first["version"] > VERSION:
+    version = first.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise _bad(root, f"its format version {version!r} is not a positive integer")
+    if version > VERSION:
         raise InputError(f"The subspace file {root} has format version {first.get('version')}; this safelora-cli "
                          f"reads version {VERSION}.",
                          hint="Upgrade safelora-cli, or write the file again with this one.")
@@ -208,7 +196,9 @@ def open_subspace(root: Path, checkpoint: Checkpoint) -> Subspace:
     for document in documents:
         if isinstance(document.get("entries"), dict):
             records.update(document["entries"])
-    entries = {key: _entry(key, records[key], root) for key in sorted(records)}
+    check_document(first, root)
+    low_rank = first["mode"] == LOW_RANK
+    entries = {key: Entry(**check_entry(key, records[key], low_rank, root)) for key in sorted(records)}
     missing = sorted(set(entries) ^ set(checkpoint.tensors))
     if missing:
         raise _bad(root, f"its records and tensors disagree on {missing[0]}")
@@ -222,11 +212,12 @@ def open_subspace(root: Path, checkpoint: Checkpoint) -> Subspace:
 
 
 def _check_shapes(mode: str, entries: dict[str, Entry], checkpoint: Checkpoint, root: Path) -> None:
+    allowed = {"F32", "BF16", "F16"} if mode == EXACT else {"F32"}
     for key, entry in entries.items():
+        if checkpoint.tensors[key].dtype not in allowed:
+            raise _bad(root, f"{key} is stored as {checkpoint.tensors[key].dtype}, not {' or '.join(sorted(allowed))}")
         stored = checkpoint.tensors[key].shape
         out = entry.shape[1] if entry.transposed else entry.shape[0]
         expected: Iterable[int] = entry.shape if mode == EXACT else (out, entry.rank if entry.rank is not None else -1)
         if tuple(stored) != tuple(expected):
             raise _bad(root, f"{key} is stored as {tuple(stored)} but its record says {tuple(expected)}")
-        if mode == LOW_RANK and (entry.v_norm is None or entry.dropped is None):
-            raise _bad(root, f"the record of {key} lacks v_norm or dropped")

@@ -228,3 +228,59 @@ def test_a_subspace_file_resolves_from_the_hub_like_a_model(llama_trio: Trio, tm
     assert remote["inputs"]["subspace"]["bytes_downloaded"] > 0
     assert cached["inputs"]["subspace"]["bytes_downloaded"] == 0
     assert remote["inputs"]["base"]["bytes_downloaded"] is None  # local when the file was written
+
+
+def _edited(source: Path, target: Path, tensors=None, document=None) -> Path:  # type: ignore[no-untyped-def]
+    """A copy of a subspace file with `tensors(dict)` and `document(dict)` applied to its contents."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, target)
+    weights = target / "model.safetensors"
+    with safe_open(str(weights), framework="pt") as f:
+        metadata = dict(f.metadata())
+    loaded = load_file(str(weights))
+    if tensors is not None:
+        tensors(loaded)
+    record = json.loads(metadata[METADATA_KEY])
+    if document is not None:
+        document(record)
+    metadata[METADATA_KEY] = json.dumps(record)
+    save_file(loaded, str(weights), metadata=metadata)
+    return target
+
+
+KEY = "model.layers.1.self_attn.q_proj.weight"
+EDITS = {
+    "every Q zero": ({"tensors": lambda t: [v.zero_() for v in t.values()]}, "not orthogonal"),
+    "one Q scaled": ({"tensors": lambda t: t[KEY].mul_(10)}, "disagree with the recorded"),
+    "Q columns repeated": ({"tensors": lambda t: t[KEY].copy_(t[KEY][:, :1].expand_as(t[KEY]))}, "not orthogonal"),
+    "NaN in Q": ({"tensors": lambda t: t[KEY].view(-1)[0].fill_(float("nan"))}, "NaN or Inf"),
+    "negative dropped": ({"document": lambda d: d["entries"][KEY].update(dropped=-1.0)}, "finite non-negative"),
+    "dropped a string": ({"document": lambda d: d["entries"][KEY].update(dropped="0.1")}, "finite non-negative"),
+    "dropped above the kept": ({"document": lambda d: d["entries"][KEY].update(dropped=1e9)}, "disagree with"),
+    "version a string": ({"document": lambda d: d.update(version="1")}, "not a positive integer"),
+    "inputs not an object": ({"document": lambda d: d.update(inputs="x")}, "base and aligned models is malformed"),
+    "modules not a list": ({"document": lambda d: d.update(modules=3)}, "modules is malformed"),
+    "rank without norm": ({"document": lambda d: d["entries"][KEY].update(v_norm=0.0)}, "inconsistent"),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(EDITS))
+def test_an_edited_low_rank_file_is_refused(llama_trio: Trio, tmp_path: Path, edit: str) -> None:
+    """What the bound rests on is checked when the file is read: no wrong cosine with a 'decided' verdict."""
+    write_subspace(llama_trio, tmp_path / "s", "--rank", 2)
+    changes, message = EDITS[edit]
+    edited = _edited(tmp_path / "s", tmp_path / "e", **changes)
+    result = run_cli("patch", "--subspace", edited, "--adapter", llama_trio.adapter, "--out", tmp_path / "o")
+    assert result.exit_code == 1 and result.stderr.startswith("Error: ") and len(result.stderr.splitlines()) == 1
+    assert "is not a safelora subspace file" in result.stderr and message in result.stderr, result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_modules_naming_no_matrix_are_refused(llama_trio: Trio, tmp_path: Path) -> None:
+    result = run_cli("subspace", "--base", llama_trio.base, "--aligned", llama_trio.aligned, "--modules",
+                     "input_layernorm", "--out", tmp_path / "s")
+    assert result.exit_code == 1 and "has no weight for the modules input_layernorm" in result.stderr
+    assert not (tmp_path / "s").exists()
