@@ -28,6 +28,10 @@ import torch
 
 from safelora_cli.projection import gram_inner
 
+# The cosines themselves are computed from float32 C_k·B: a reported interval is widened by this on
+# both sides (measured rounding: ~2e-8 against a float64 two-model run at full rank).
+ROUNDING = 1e-6
+
 
 @dataclass(frozen=True)
 class Factor:
@@ -140,7 +144,7 @@ def cosine_upper(lower: float, retained: float, outside_sq: float, dropped: floa
     stationary point is b̂ = t̂·â²/p̂.
     """
     if v_norm == 0.0 or dropped <= 0.0 or outside_sq <= 0.0:
-        return lower
+        return min(1.0, lower + ROUNDING)
     t = math.sqrt(outside_sq)
     a, p = retained, lower * retained
     top = dropped * t
@@ -152,7 +156,7 @@ def cosine_upper(lower: float, retained: float, outside_sq: float, dropped: floa
         denominator = math.sqrt(a * a + b * b)
         return (p + b * t) / denominator if denominator > 0.0 else t
 
-    return min(1.0, max(lower, *(value(b) for b in candidates)))
+    return min(1.0, max(lower, *(value(b) for b in candidates)) + ROUNDING)
 
 
 def undecided(lowers: list[float | None], uppers: list[float | None], selected: list[bool],
@@ -165,7 +169,10 @@ def undecided(lowers: list[float | None], uppers: list[float | None], selected: 
     """
     flags = [False] * len(lowers)
     if threshold is not None:
-        return [s and u is not None and u > threshold for s, u in zip(selected, uppers, strict=True)]
+        # Widened by ROUNDING below too: an unselected layer just above τ may lie at or below it.
+        return [(s and u is not None and u > threshold) or
+                (not s and low is not None and low - ROUNDING <= threshold)
+                for s, low, u in zip(selected, lowers, uppers, strict=True)]
     inside = [i for i, s in enumerate(selected) if s]
     outside = [i for i, s in enumerate(selected) if not s and lowers[i] is not None]
     for i in inside:
@@ -174,6 +181,6 @@ def undecided(lowers: list[float | None], uppers: list[float | None], selected: 
         for j in outside:
             low = lowers[j]
             assert low is not None
-            if upper > low:
+            if upper > low - ROUNDING:
                 flags[i] = flags[j] = True
     return flags

@@ -121,8 +121,9 @@ def _weights(request: SubspaceRequest, models: Models, adapters: list[Any]) -> d
 
 
 def _provenance(request: SubspaceRequest, models: Models, keys: dict[str, bool]) -> dict[str, Any]:
-    # What was downloaded belongs to this run, not to the file.
-    inputs = {name: {k: v for k, v in entry.items() if k != "bytes_downloaded"}
+    # The file is made to be published: inputs as they were named (a Hub id, or the path as typed),
+    # never where this machine keeps them; what was downloaded belongs to this run, not to the file.
+    inputs = {name: {**{k: v for k, v in entry.items() if k != "bytes_downloaded"}, "path": entry["source"]}
               for name, entry in models.records().items()}
     return {"tool": {"name": "safelora-cli", "version": __version__}, "inputs": inputs,
             "modules": sorted({k.rsplit(".", 2)[-2] for k in keys}),

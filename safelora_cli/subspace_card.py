@@ -37,8 +37,10 @@ def card_text(document: dict[str, Any], nbytes: int) -> str:
     exact = document["mode"] == "exact"
     what = (f"V = W_aligned − W_base itself, stored as {document['dtype']}" if exact else
             f"a low-rank factor Q of the paper's C = V·Vᵀ/‖V‖_F per weight, C ≈ Q·Qᵀ; {low_rank_summary(document)}")
+    # The Hub checks base_model against its own models: only a Hub id belongs there.
+    front = [f"base_model: {aligned}"] if inputs["aligned"].get("commit") else []
     lines = [
-        "---", f"base_model: {aligned}", "tags:", "- safe-lora", "- safelora-subspace", "---", "",
+        "---", *front, "tags:", "- safe-lora", "- safelora-subspace", "---", "",
         f"# Safe LoRA subspace of {aligned}", "",
         f"What `safelora patch --subspace` needs in place of the base model ({base}) and the aligned model "
         f"({aligned}): {what}.", "",

@@ -100,7 +100,7 @@ def test_low_rank_at_full_rank_has_no_error(demo_trio: Trio, tmp_path: Path) -> 
     low = inspect_report("--subspace", tmp_path / "full", "--adapter", demo_trio.adapter)
     for true, approx in zip(exact["layers"], low["layers"], strict=True):
         assert approx["cosine"] == pytest.approx(true["cosine"], abs=1e-5)
-        assert approx["cosine_error_bound"] == pytest.approx(0.0, abs=1e-6)
+        assert approx["cosine_error_bound"] <= 2e-6  # the rounding allowance only
         assert approx["selection_decided"] is True and approx["selected"] == true["selected"]
 
 
