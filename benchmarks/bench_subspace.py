@@ -93,7 +93,7 @@ def bench(name: str, data_dir: Path, repeat: int, ranks: list[int]) -> list[str]
         if low_rank:
             kept = [e["energy_kept"] for e in _document(out)["entries"].values()]
             agree += (f"; largest bound {found['max_bound']:.3f}, {found['undecided']} undecided; C's energy kept "
-                      f"{min(kept):.1%}–{max(kept):.1%}")
+                      f"{min(kept):.7f}–{max(kept):.7f}")
         rows.append(f"| {name} | {label} | {size / 1e9:.3f} GB | {written.wall_s:.1f} s | {used.wall_s:.2f} s, "
                     f"{used.peak_anon / 1e9:.2f} GB | {agree} |")
         env.log(rows[-1])
