@@ -172,15 +172,18 @@ def _analyze_weight(key: str, w_base: Weight, w_aligned: Weight, jobs: list[Job]
         cbs: list[torch.Tensor | None] = list(projected.cbs) if projected.cbs is not None else [None] * len(group)
         vtbs: list[torch.Tensor | None] = list(projected.vtbs) if projected.vtbs is not None else [None] * len(group)
         for (job, i, plan), (lora_a, lora_b), cb, vtb in zip(group, factors, cbs, vtbs, strict=True):
-            math_ = _checked(layer_math(projected, lora_a, lora_b, cb, vtb), plan, job.adapter)
-            if math_.projected_b is not None:
-                # Keep C·B only where it may be used, in the adapter's own dtype on the host: for a
-                # threshold the layers that pass it, for top-K at most K (see _retain_top_k).
-                kept = could_select(math_.cosine, method.selection)
-                math_ = replace(math_, projected_b=math_.projected_b.to("cpu", lora_b.dtype).contiguous()
-                                if kept else None)
-            job.maths[i] = math_
-            _retain_top_k(job, i, method.selection.top_k)
+            record(job, i, _checked(layer_math(projected, lora_a, lora_b, cb, vtb), plan, job.adapter), lora_b,
+                   method)
+
+
+def record(job: Job, index: int, math_: LayerMath, lora_b: torch.Tensor, method: Method) -> None:
+    """Keep a layer's result, with C·B only where it may be used, in the adapter's own dtype on the
+    host: for a threshold the layers that pass it, for top-K at most K (see _retain_top_k)."""
+    if math_.projected_b is not None:
+        kept = could_select(math_.cosine, method.selection)
+        math_ = replace(math_, projected_b=math_.projected_b.to("cpu", lora_b.dtype).contiguous() if kept else None)
+    job.maths[index] = math_
+    _retain_top_k(job, index, method.selection.top_k)
 
 
 def analyze(jobs: list[Job], base: Checkpoint, aligned: Checkpoint, method: Method, device: torch.device,

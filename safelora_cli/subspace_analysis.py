@@ -25,7 +25,7 @@ from safelora_cli.analysis import (
     _checked,
     _finish,
     _read_factors,
-    _retain_top_k,
+    record,
 )
 from safelora_cli.checkpoint import Checkpoint, TensorStream
 from safelora_cli.config import Method, Projection
@@ -34,7 +34,6 @@ from safelora_cli.lowrank import cosine_upper, project_low_rank, undecided
 from safelora_cli.prefetch import disk_order
 from safelora_cli.projection import Projected, layer_math
 from safelora_cli.safetensors_io import torch_dtype
-from safelora_cli.selection import could_select
 from safelora_cli.subspace_file import Subspace
 from safelora_cli.subspace_records import check_factor
 
@@ -88,13 +87,7 @@ def _low_rank_weight(key: str, q: torch.Tensor, subspace: Subspace, jobs: list[J
                 retained = math_.projected_norm / math_.delta_norm
                 upper = cosine_upper(math_.cosine, retained, low.outside_sq, entry.dropped, entry.v_norm)
                 math_ = replace(math_, cosine_upper=upper)
-            math_ = _checked(math_, plan, job.adapter)
-            if math_.projected_b is not None:
-                kept = could_select(math_.cosine, method.selection)
-                math_ = replace(math_, projected_b=math_.projected_b.to("cpu", lora_b.dtype).contiguous()
-                                if kept else None)
-            job.maths[i] = math_
-            _retain_top_k(job, i, method.selection.top_k)
+            record(job, i, _checked(math_, plan, job.adapter), lora_b, method)
 
 
 def _with_decisions(analysis: Analysis, method: Method) -> Analysis:
