@@ -217,8 +217,11 @@ def test_long_output_names(trio: Trio, tmp_path: Path, length: int) -> None:
         assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
 
 
+# A shell that starts a job in the background sets SIGINT to "ignore", and Python then keeps it
+# ignored (as it should): the child restores the default handler, as an interactive terminal has it.
 _SIGNAL_RUN = """
 import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from safelora_cli import cli, writer
 build = writer._build
 def build_then_signal(staging, *args):
