@@ -51,28 +51,28 @@ class RowSource(Protocol):
 
 @dataclass(frozen=True)
 class TensorRows:
-    """A `RowSource` over two weights already in memory."""
+    """A `RowSource` over two weights already in memory (no base: `aligned` is V itself)."""
 
-    base: torch.Tensor
+    base: torch.Tensor | None
     aligned: torch.Tensor
 
     @property
     def shape(self) -> tuple[int, int]:
-        rows, cols = self.base.shape
+        rows, cols = self.aligned.shape
         return rows, cols
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.base.dtype
+        return self.aligned.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.base.device
+        return self.aligned.device
 
     def rows(self, block_rows: int) -> Iterator[Rows]:
-        for start in range(0, self.base.shape[0], block_rows):
+        for start in range(0, self.aligned.shape[0], block_rows):
             rows = slice(start, start + block_rows)
-            yield rows, self.base[rows], self.aligned[rows]
+            yield rows, None if self.base is None else self.base[rows], self.aligned[rows]
 
 
 @dataclass(frozen=True)

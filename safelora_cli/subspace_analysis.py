@@ -1,7 +1,8 @@
 """Analyse adapters against a subspace file instead of the two models (`patch --subspace`).
 
-Exact mode stores V itself: it is read a block of rows at a time and goes through the very
-`AlignmentMatrix` arithmetic of a two-model run, so cosines, selection and C·B are the same to
+Exact mode stores V itself: it is read whole in a background thread while the previous weight is
+computed (a V wider than `prefetch.HOLD_BYTES` a block of rows at a time instead), and goes
+through the very `AlignmentMatrix` arithmetic of a two-model run, so cosines, selection and C·B are the same to
 float rounding of the stored dtype (bit for bit in float32). Low-rank mode stores Q with
 C_k = Q·Qᵀ: C_k·B = Q·(Qᵀ·B), and each layer also gets the proven upper end of the cosine with
 the full C (see `lowrank`), from which the report's `cosine_error_bound` and the layers whose
@@ -11,11 +12,12 @@ selection the bound cannot decide follow.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import torch
 
-from safelora_cli.alignment import PairSide, Rows
+from safelora_cli.alignment import PairSide, Rows, RowSource, TensorRows
 from safelora_cli.analysis import (
     Analysis,
     Job,
@@ -31,7 +33,7 @@ from safelora_cli.checkpoint import Checkpoint, TensorStream
 from safelora_cli.config import Method, Projection
 from safelora_cli.errors import InputError, UsageError
 from safelora_cli.lowrank import cosine_upper, project_low_rank, undecided
-from safelora_cli.prefetch import disk_order
+from safelora_cli.prefetch import HOLD_BYTES, disk_order
 from safelora_cli.projection import Projected, layer_math
 from safelora_cli.safetensors_io import torch_dtype
 from safelora_cli.subspace_file import Subspace
@@ -67,6 +69,39 @@ class StoredRows:
             for offset in range(0, read.shape[0], block_rows):
                 yield slice(start + offset, start + min(read.shape[0], offset + block_rows)), None, \
                     read[offset:offset + block_rows]
+
+
+class ReadAhead:
+    """The next weight's tensor, read whole in a background thread while the current one is computed.
+
+    Only weights marked `held` are read this way (a factor Q, or V of up to `prefetch.HOLD_BYTES`),
+    so at most two of them are in memory at once; a wider V is streamed by `StoredRows` in the
+    caller's thread. The reader has its own `TensorStream`, used by that thread alone.
+    """
+
+    def __init__(self, checkpoint: Checkpoint, keys: list[str], held: list[bool]) -> None:
+        self._checkpoint, self._keys, self._held = checkpoint, keys, held
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safelora-reader")
+        self._stream = TensorStream()
+        self._pending: dict[int, Future[torch.Tensor]] = {}
+
+    def _submit(self, index: int) -> None:
+        if index < len(self._keys) and self._held[index] and index not in self._pending:
+            self._pending[index] = self._pool.submit(self._stream.read, self._checkpoint, self._keys[index])
+
+    def take(self, index: int) -> torch.Tensor | None:
+        """Weight `index` whole (None when it is streamed instead); starts reading the next one."""
+        self._submit(index)
+        self._submit(index + 1)
+        future = self._pending.pop(index, None)
+        return None if future is None else future.result()
+
+    def __enter__(self) -> ReadAhead:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._stream.close()
 
 
 def _low_rank_weight(key: str, q: torch.Tensor, subspace: Subspace, jobs: list[Job], method: Method) -> None:
@@ -108,14 +143,18 @@ def analyze_subspace(jobs: list[Job], subspace: Subspace, method: Method, device
                          hint="Use the paper's projection with it, or an exact subspace file.")
     checkpoint = subspace.checkpoint
     keys = disk_order(sorted({p.weight_key for job in jobs for p in job.plans}), checkpoint)
-    with TensorStream() as stream:
+    held = [not subspace.exact or checkpoint.tensors[k].nbytes <= HOLD_BYTES for k in keys]
+    with TensorStream() as stream, ReadAhead(checkpoint, keys, held) as ahead:
         for done, key in enumerate(keys, start=1):
+            whole = ahead.take(done - 1)
             if subspace.exact:
-                source = StoredRows(checkpoint, key, device, stream)
+                source: RowSource = StoredRows(checkpoint, key, device, stream) if whole is None else \
+                    TensorRows(None, whole.to(device))
                 _analyze_weight(key, PairSide(source, False), PairSide(source, True), jobs, (checkpoint, checkpoint),
                                 method)
             else:
-                q = stream.read(checkpoint, key).to(device, torch.float32)
+                assert whole is not None
+                q = whole.to(device, torch.float32)
                 entry = subspace.entries[key]
                 assert entry.v_norm is not None and entry.dropped is not None
                 check_factor(key, q, entry.v_norm, entry.dropped, subspace.root)
@@ -126,4 +165,4 @@ def analyze_subspace(jobs: list[Job], subspace: Subspace, method: Method, device
     return analyses if subspace.exact else [_with_decisions(a, method) for a in analyses]
 
 
-__all__ = ["LayerResult", "StoredRows", "analyze_subspace"]
+__all__ = ["LayerResult", "ReadAhead", "StoredRows", "analyze_subspace"]
