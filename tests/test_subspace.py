@@ -284,3 +284,18 @@ def test_modules_naming_no_matrix_are_refused(llama_trio: Trio, tmp_path: Path) 
                      "input_layernorm", "--out", tmp_path / "s")
     assert result.exit_code == 1 and "has no weight for the modules input_layernorm" in result.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_read_ahead_gives_held_weights_whole_and_leaves_the_others(llama_trio: Trio) -> None:
+    from safelora_cli.checkpoint import TensorStream, open_checkpoint
+    from safelora_cli.subspace_analysis import ReadAhead
+
+    checkpoint = open_checkpoint(llama_trio.base, "base")
+    keys = sorted(k for k in checkpoint.tensors if k.endswith("proj.weight"))[:5]
+    held = [True, False, True, True, False]
+    with TensorStream() as stream, ReadAhead(checkpoint, keys, held) as ahead:
+        for index, key in enumerate(keys):
+            got = ahead.take(index)
+            assert (got is None) == (not held[index])
+            if got is not None:
+                assert torch.equal(got, stream.read(checkpoint, key))
