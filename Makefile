@@ -31,9 +31,11 @@ demo: install
 	$(BIN)/safelora inspect --base demo/base --aligned demo/aligned --adapter demo/adapter --sort cosine
 
 # bench_adapter.py: peak memory with an r = 8 and an r = 64 adapter on the same models (~4 GB of data).
+# bench_subspace.py: subspace files (exact and rank 8) against the two-model run, 1.1B shape.
 bench: install
 	$(BIN)/python benchmarks/bench_patch.py
 	$(BIN)/python benchmarks/bench_adapter.py bench-data
+	$(BIN)/python benchmarks/bench_subspace.py --shape 1b --ranks 8
 
 # Does patching restore refusals and keep the task? Trains a toy trio, patches, evaluates (docs/effect.md).
 # `install` brings transformers and peft (the eval extra) with the test extra.

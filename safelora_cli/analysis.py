@@ -118,7 +118,7 @@ def _check_range(factors: dict[str, torch.Tensor], plan: LayerPlan, adapter: Ada
                          "float32's range).", hint="The training diverged; use a clean checkpoint.")
 
 
-def _checked(math_: LayerMath, plan: LayerPlan, adapter: Adapter) -> LayerMath:
+def _checked(math_: LayerMath, plan: LayerPlan, adapter: Adapter, dtype: torch.dtype) -> LayerMath:
     """Refuse results that are not finite (factors near float64's range) or a C·B that does not fit
     the adapter's dtype: written, it would hold Inf, and the report NaN."""
     values = (math_.cosine or 0.0, math_.delta_norm, math_.residual_norm, math_.b_distance or 0.0)
@@ -126,12 +126,10 @@ def _checked(math_: LayerMath, plan: LayerPlan, adapter: Adapter) -> LayerMath:
         raise InputError(f"The LoRA factors of {plan.module} in {adapter.path} are too large to analyse "
                          "(‖B·A‖ overflows float64).", hint="The training diverged; use a clean checkpoint.")
     cb = math_.projected_b
-    if cb is not None:
-        dtype = adapter.tensors[plan.b_key].dtype
-        if dtype.is_floating_point and bool(cb.abs().max() > torch.finfo(dtype).max):
-            raise InputError(f"C·lora_B of {plan.module} exceeds the range of the adapter's {dtype} "
-                             f"(largest entry {float(cb.abs().max()):.4g}); writing it would store Inf.",
-                             hint="Convert the adapter to float32 or bfloat16 (e.g. with PEFT) and patch again.")
+    if cb is not None and dtype.is_floating_point and bool(cb.abs().max() > torch.finfo(dtype).max):
+        raise InputError(f"C·lora_B of {plan.module} exceeds the range of the adapter's {dtype} "
+                         f"(largest entry {float(cb.abs().max()):.4g}); writing it would store Inf.",
+                         hint="Convert the adapter to float32 or bfloat16 (e.g. with PEFT) and patch again.")
     return math_
 
 
@@ -172,13 +170,13 @@ def _analyze_weight(key: str, w_base: Weight, w_aligned: Weight, jobs: list[Job]
         cbs: list[torch.Tensor | None] = list(projected.cbs) if projected.cbs is not None else [None] * len(group)
         vtbs: list[torch.Tensor | None] = list(projected.vtbs) if projected.vtbs is not None else [None] * len(group)
         for (job, i, plan), (lora_a, lora_b), cb, vtb in zip(group, factors, cbs, vtbs, strict=True):
-            record(job, i, _checked(layer_math(projected, lora_a, lora_b, cb, vtb), plan, job.adapter), lora_b,
-                   method)
+            record(job, i, plan, layer_math(projected, lora_a, lora_b, cb, vtb), lora_b, method)
 
 
-def record(job: Job, index: int, math_: LayerMath, lora_b: torch.Tensor, method: Method) -> None:
-    """Keep a layer's result, with C·B only where it may be used, in the adapter's own dtype on the
-    host: for a threshold the layers that pass it, for top-K at most K (see _retain_top_k)."""
+def record(job: Job, index: int, plan: LayerPlan, math_: LayerMath, lora_b: torch.Tensor, method: Method) -> None:
+    """Check a layer's result and keep it, with C·B only where it may be used, in the adapter's own
+    dtype on the host: for a threshold the layers that pass it, for top-K at most K (see _retain_top_k)."""
+    math_ = _checked(math_, plan, job.adapter, lora_b.dtype)
     if math_.projected_b is not None:
         kept = could_select(math_.cosine, method.selection)
         math_ = replace(math_, projected_b=math_.projected_b.to("cpu", lora_b.dtype).contiguous() if kept else None)

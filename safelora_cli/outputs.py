@@ -85,16 +85,22 @@ def _check_parent(target: Path, label: str) -> None:
         raise OutputError(f"Permission denied: cannot create {target} in {parent}.")
 
 
-def _provenance_in(weights: Path) -> bool:
-    """Whether a safetensors file carries the provenance record `safelora patch` writes."""
+def file_metadata(weights: Path) -> dict[str, object]:
+    """A safetensors file's `__metadata__`, {} when it has none or is not readable as one (read
+    without the safetensors library, which this light module does not import)."""
     try:
         with open(weights, "rb") as file:
             size = int.from_bytes(file.read(8), "little")
             header = json.loads(file.read(size)) if 0 < size < 100_000_000 else {}
     except (OSError, ValueError):
-        return False
+        return {}
     metadata = header.get("__metadata__") if isinstance(header, dict) else None
-    return isinstance(metadata, dict) and "safelora" in metadata
+    return metadata if isinstance(metadata, dict) else {}
+
+
+def _provenance_in(weights: Path) -> bool:
+    """Whether a safetensors file carries the provenance record `safelora patch` writes."""
+    return "safelora" in file_metadata(weights)
 
 
 def written_by_safelora(directory: Path) -> bool:

@@ -140,14 +140,15 @@ def pair_layers(adapter: Adapter, base: Checkpoint, aligned: Checkpoint,
         key = found.key
         refuse_quantized(base, key)
         refuse_quantized(aligned, key)
-        a, b = adapter.tensors[module.a_key], adapter.tensors[module.b_key]
-        update = (int(b.shape[0]), int(a.shape[1]))
+        # From the header: pairing reads no tensor data.
+        a_shape, b_shape = adapter.tensors.shape(module.a_key), adapter.tensors.shape(module.b_key)
+        update = (int(b_shape[0]), int(a_shape[1]))
         base_shape, aligned_shape = base.tensors[key].shape, aligned.tensors[key].shape
         transposed = stored_transposed(module, base_shape, update, adapter.config.fan_in_fan_out)
         if base_shape != aligned_shape or transposed is None:
             mismatched.append(f"{key}: base {base_shape}, aligned {aligned_shape}, LoRA B·A {update}")
             continue
-        rank = int(a.shape[0])
+        rank = int(a_shape[0])
         plans.append(LayerPlan(
             module=module.module, layer_index=layer_index(module.module), a_key=module.a_key,
             b_key=module.b_key, weight_key=key, shape=update, rank=rank,

@@ -260,6 +260,19 @@ def _copy_stored(stored: StoredTensor, file: BinaryIO, sources: dict[Path, int],
         file.write(view)
 
 
+def header_bytes(entries: list[tuple[str, str, list[int], int]], metadata: dict[str, str]) -> bytes:
+    """A safetensors file's first bytes: header length and header, for (key, dtype name, shape,
+    bytes) laid out in the order given; metadata keys sorted, so the bytes depend on contents only."""
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    offset = 0
+    for key, name, shape, size in entries:
+        header[key] = {"dtype": name, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)  # the format pads the header to 8-byte alignment
+    return len(encoded).to_bytes(8, "little") + encoded
+
+
 def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor | StoredTensor], metadata: dict[str, str],
                       chunk: int = 8 << 20) -> None:
     """Write a safetensors file whose bytes depend only on its contents, one tensor at a time.
@@ -271,19 +284,11 @@ def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor | StoredTen
     memory. So memory holds no more than one chunk besides the tensors passed in.
     The result is read back by the safetensors library (see writer._verify) before use.
     """
-    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
-    offset = 0
     ordered = sorted(tensors)
-    for key in ordered:
-        name, shape, size = _entry(key, tensors[key])
-        header[key] = {"dtype": name, "shape": shape, "data_offsets": [offset, offset + size]}
-        offset += size
-    encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    encoded += b" " * (-len(encoded) % 8)  # the format pads the header to 8-byte alignment
+    encoded = header_bytes([(key, *_entry(key, tensors[key])) for key in ordered], metadata)
     sources: dict[Path, int] = {}
     try:
         with open(path, "wb") as file:
-            file.write(len(encoded).to_bytes(8, "little"))
             file.write(encoded)
             for key in ordered:
                 value = tensors[key]

@@ -24,7 +24,6 @@ from safelora_cli.analysis import (
     LayerResult,
     OnLayer,
     _analyze_weight,
-    _checked,
     _finish,
     _read_factors,
     record,
@@ -122,7 +121,7 @@ def _low_rank_weight(key: str, q: torch.Tensor, subspace: Subspace, jobs: list[J
                 retained = math_.projected_norm / math_.delta_norm
                 upper = cosine_upper(math_.cosine, retained, low.outside_sq, entry.dropped, entry.v_norm)
                 math_ = replace(math_, cosine_upper=upper)
-            record(job, i, _checked(math_, plan, job.adapter), lora_b, method)
+            record(job, i, plan, math_, lora_b, method)
 
 
 def _with_decisions(analysis: Analysis, method: Method) -> Analysis:

@@ -19,7 +19,7 @@ import torch
 from safelora_cli import __version__
 from safelora_cli.adapter import load_adapter
 from safelora_cli.alignment import AlignmentMatrix
-from safelora_cli.analysis import resolve_device
+from safelora_cli.analysis import OnLayer, resolve_device
 from safelora_cli.checkpoint import CONFIG_FILE, refuse_quantized
 from safelora_cli.config import Inputs
 from safelora_cli.errors import InputError, PairingError, UsageError
@@ -41,7 +41,6 @@ from safelora_cli.subspace_file import (
     header_metadata,
 )
 
-OnLayer = Callable[[int, int], None]
 CARD_FILE = "README.md"
 
 
@@ -76,9 +75,6 @@ class SubspaceRequest:
     def low_rank(self) -> bool:
         return self.rank is not None or self.energy is not None
 
-    @property
-    def mode(self) -> str:
-        return LOW_RANK if self.low_rank else EXACT
 
 
 @dataclass(frozen=True)
@@ -138,7 +134,7 @@ def _not_finite(alignment: AlignmentMatrix, key: str, models: Models) -> InputEr
 
 
 def _write_exact(path: Path, request: SubspaceRequest, models: Models, keys: dict[str, bool],
-                 provenance: dict[str, Any], on_layer: OnLayer | None) -> dict[str, Any]:
+                 provenance: dict[str, Any], device: torch.device, on_layer: OnLayer | None) -> dict[str, Any]:
     """V of every weight, streamed from the models into the file a block of rows at a time."""
     dtype = STORE_DTYPES[request.dtype]
     entries = {k: Entry(tuple(models.base.tensors[k].shape)) for k in keys}  # type: ignore[arg-type]
@@ -147,7 +143,7 @@ def _write_exact(path: Path, request: SubspaceRequest, models: Models, keys: dic
     writer = StreamingWriter(path, {k: (dtype, entries[k].shape) for k in order}, metadata)
     limit = torch.finfo(dtype).max
     try:
-        with Prefetcher(order, models.base, models.aligned, resolve_device(request.device)) as fetched:
+        with Prefetcher(order, models.base, models.aligned, device) as fetched:
             for done, item in enumerate(fetched, start=1):
                 alignment = AlignmentMatrix(*item.wait(), transposed=False)
                 for _, block in alignment.stored_blocks():
@@ -166,12 +162,12 @@ def _write_exact(path: Path, request: SubspaceRequest, models: Models, keys: dic
     return json.loads(metadata["safelora_subspace"])
 
 
-def _factors(request: SubspaceRequest, models: Models, keys: dict[str, bool],
+def _factors(request: SubspaceRequest, models: Models, keys: dict[str, bool], device: torch.device,
              on_layer: OnLayer | None) -> dict[str, Factor]:
     """Q of every weight (held: each is out × k floats), from V formed whole one weight at a time."""
     factors: dict[str, Factor] = {}
     order = disk_order(sorted(keys), models.base)
-    with Prefetcher(order, models.base, models.aligned, resolve_device(request.device)) as fetched:
+    with Prefetcher(order, models.base, models.aligned, device) as fetched:
         for done, item in enumerate(fetched, start=1):
             alignment = AlignmentMatrix(*item.wait(), transposed=keys[item.key])
             if not math.isfinite(alignment.norm()):
@@ -206,7 +202,7 @@ def build(request: SubspaceRequest, on_layer: OnLayer | None = None) -> Subspace
     from safelora_cli.subspace_file import written_by_subspace
 
     inputs = request.inputs
-    resolve_device(request.device)
+    device = resolve_device(request.device)  # before any download: a wrong device fails at once
     origins = [resolve_adapter(spec, inputs.adapter_revision, inputs.token) for spec in inputs.adapters]
     adapters = [(o, load_adapter(o.path, inputs.adapter_name)) for o in origins]
     if inputs.aligned is None and not adapters:
@@ -221,7 +217,7 @@ def build(request: SubspaceRequest, on_layer: OnLayer | None = None) -> Subspace
     models = resolve_models(inputs, aligned, needed)
     keys = _weights(request, models, [a for _, a in adapters])
     provenance = _provenance(request, models, keys)
-    factors = _factors(request, models, keys, on_layer) if request.low_rank else {}
+    factors = _factors(request, models, keys, device, on_layer) if request.low_rank else {}
     document: dict[str, Any] = {}
 
     def fill(staging: Path) -> None:
@@ -229,7 +225,7 @@ def build(request: SubspaceRequest, on_layer: OnLayer | None = None) -> Subspace
         if request.low_rank:
             document.update(_write_low_rank(weights, request, models, keys, provenance, factors))
         else:
-            document.update(_write_exact(weights, request, models, keys, provenance, on_layer))
+            document.update(_write_exact(weights, request, models, keys, provenance, device, on_layer))
         # Pairing an output layer with a tied input embedding reads this, as it does the model's.
         config = {"tie_word_embeddings": ties_embeddings(models.aligned.root)}
         (staging / CONFIG_FILE).write_text(json.dumps(config) + "\n", encoding="utf-8")

@@ -15,6 +15,7 @@ exactly as a model does (and only the tensors an adapter needs are fetched):
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -25,7 +26,8 @@ import torch
 
 from safelora_cli.checkpoint import Checkpoint, TensorInfo
 from safelora_cli.errors import InputError, UsageError
-from safelora_cli.safetensors_io import dtype_name, item_bytes, open_safetensors
+from safelora_cli.outputs import file_metadata
+from safelora_cli.safetensors_io import dtype_name, header_bytes, item_bytes, open_safetensors
 from safelora_cli.subspace_records import bad_file as _bad
 from safelora_cli.subspace_records import check_document, check_entry
 
@@ -86,22 +88,11 @@ class StreamingWriter:
 
     def __init__(self, path: Path, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]],
                  metadata: dict[str, str]) -> None:
-        header: dict[str, Any] = {"__metadata__": metadata}
-        self._sizes: dict[str, int] = {}
-        offset = 0
-        for key in layout:
-            dtype, shape = layout[key]
-            size = item_bytes(dtype_name(dtype))
-            for dim in shape:
-                size *= dim
-            header[key] = {"dtype": dtype_name(dtype), "shape": list(shape), "data_offsets": [offset, offset + size]}
-            self._sizes[key] = size
-            offset += size
-        encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-        encoded += b" " * (-len(encoded) % 8)
+        self._sizes = {key: item_bytes(dtype_name(dtype)) * math.prod(shape) for key, (dtype, shape) in layout.items()}
+        entries = [(key, dtype_name(dtype), list(shape), self._sizes[key]) for key, (dtype, shape) in layout.items()]
         self._order = list(layout)
         self._file = open(path, "wb")  # noqa: SIM115 - closed by close()
-        self._file.write(len(encoded).to_bytes(8, "little") + encoded)
+        self._file.write(header_bytes(entries, metadata))
         self._current, self._left = 0, self._sizes[self._order[0]] if self._order else 0
 
     def write(self, key: str, part: torch.Tensor) -> None:
@@ -150,15 +141,11 @@ def written_by_subspace(directory: Path) -> bool:
     changed since (the card is written last): what --force may replace."""
     try:
         names = {p.name for p in directory.iterdir()}
-        with open(directory / WEIGHTS_FILE, "rb") as file:
-            size = int.from_bytes(file.read(8), "little")
-            header = json.loads(file.read(size)) if 0 < size < 100_000_000 else {}
         unchanged = (directory / WEIGHTS_FILE).stat().st_mtime_ns <= (directory / "README.md").stat().st_mtime_ns
-    except (OSError, ValueError):
+    except OSError:
         return False
-    metadata = header.get("__metadata__") if isinstance(header, dict) else None
-    return names == {WEIGHTS_FILE, "README.md", "config.json"} and unchanged and isinstance(metadata, dict) and \
-        METADATA_KEY in metadata
+    return names == {WEIGHTS_FILE, "README.md", "config.json"} and unchanged and \
+        METADATA_KEY in file_metadata(directory / WEIGHTS_FILE)
 
 
 def open_subspace(root: Path, checkpoint: Checkpoint) -> Subspace:

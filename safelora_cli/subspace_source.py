@@ -8,7 +8,7 @@ from typing import Any
 
 from safelora_cli.adapter import Adapter
 from safelora_cli.config import Inputs
-from safelora_cli.errors import InputError, UnsupportedError, format_keys
+from safelora_cli.errors import InputError, SafeLoraError, UnsupportedError, format_keys
 from safelora_cli.naming import apply_key_map, resolve_key
 from safelora_cli.pairing import needed_weight_keys
 from safelora_cli.report import text_of_path
@@ -48,7 +48,7 @@ def _warn_other_model(subspace: Subspace, adapters: list[tuple[Origin, Adapter]]
     for origin, adapter in adapters:
         try:
             named, _ = aligned_from_adapter(adapter.raw_config, adapter.path, None)
-        except Exception:  # noqa: BLE001 - a config naming nothing usable names nothing to compare
+        except SafeLoraError:  # a config naming nothing usable names nothing to compare
             continue
         if "/" in named and not named.startswith((".", "/", "~")) and named.split("@", 1)[0] != name:
             warn(f"{origin.spec} was trained on {named}, but the subspace file was made from {name}.")

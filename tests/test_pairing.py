@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from safelora_cli.adapter import Adapter, AdapterConfig, split_keys
+from safelora_cli.adapter_tensors import SafetensorsTensors
 from safelora_cli.checkpoint import Checkpoint, TensorInfo
 from safelora_cli.errors import InputError, PairingError, UnsupportedError
 from safelora_cli.pairing import layer_index, pair_layers
@@ -24,7 +27,10 @@ def make_adapter(modules: dict[str, tuple[int, int, int]], extra: tuple[str, ...
     for key in extra:
         tensors[key] = torch.zeros(2)
     found, other = split_keys(list(tensors), WHERE)
-    return Adapter(WHERE, AdapterConfig(r=4, lora_alpha=8), {}, tensors, {}, found, other)
+    # Pairing reads shapes from the adapter file's header, as a loaded adapter has them.
+    weights = Path(tempfile.mkdtemp()) / "adapter_model.safetensors"
+    save_file(tensors, str(weights))
+    return Adapter(WHERE, AdapterConfig(r=4, lora_alpha=8), {}, SafetensorsTensors(weights), {}, found, other)
 
 
 def make_checkpoint(label: str, shapes: dict[str, tuple[int, ...]], dtype: str = "BF16") -> Checkpoint:
